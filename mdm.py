@@ -762,4 +762,4 @@ if __name__ == "__main__":
         result = nelbo(model.nll_at, c, vocab)
     n = vocab.predict_size("text")
     print(f"untrained NELBO, one draw of 8 rows: {result.loss.item():.3f} nats/token")
-    print(f"(the zero-initialised unembedding predicts uniformly over the text block: expectation log {n} = {math.log(n):.3f})")
+    print(f"(a zero-initialised unembedding is uniform over the text block: expectation log {n} = {math.log(n):.3f})")
