@@ -151,13 +151,25 @@ class TextTokenizer:
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
 
+    def to_text(self) -> str:
+        """The ranks in tiktoken's file format: one ``base64(token) rank`` line per token."""
+        ordered = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        return "".join(f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in ordered)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<text>") -> TextTokenizer:
+        ranks = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{source}:{n}: not a tiktoken rank line ({e})") from None
+        return cls(ranks)
+
     def save(self, path: str | Path) -> str:
         """Write ``path`` (tiktoken format) and ``path.sha256``; return the sha256."""
-        lines = [
-            base64.b64encode(tok) + b" " + str(rank).encode()
-            for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1])
-        ]
-        blob = b"\n".join(lines) + b"\n"
+        blob = self.to_text().encode()
         digest = hashlib.sha256(blob).hexdigest()
         Path(path).write_bytes(blob)
         Path(f"{path}.sha256").write_text(f"{digest}\n")
@@ -177,14 +189,11 @@ class TextTokenizer:
             raise ValueError(
                 f"{path}: sha256 {digest} does not match the expected {expected}; the file is corrupt or stale"
             )
-        ranks = {}
-        for n, line in enumerate(blob.splitlines(), 1):
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok, validate=True)] = int(rank)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not a tiktoken rank line ({e})") from None
-        return cls(ranks)
+        try:
+            text = blob.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a tiktoken rank file (not ASCII)") from None
+        return cls.from_text(text, str(path))
 
     @classmethod
     def from_tiktoken_name(cls, name: str) -> TextTokenizer:

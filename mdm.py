@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import combinations
 
 import torch
@@ -360,6 +360,13 @@ class Corrupted:
     t: Tensor
     weight: Tensor
 
+    def rows(self, sl: slice) -> Corrupted:
+        """The rows ``sl`` (a data-parallel rank's share, or one micro-batch)."""
+        return Corrupted(*(getattr(self, f)[sl] for f in ("x0", "x_t", "masked", "maskable", "t", "weight")))
+
+    def to(self, device: torch.device | str) -> Corrupted:
+        return Corrupted(*(getattr(self, f).to(device) for f in ("x0", "x_t", "masked", "maskable", "t", "weight")))
+
 
 def corrupt(
     x0: Tensor,
@@ -410,6 +417,18 @@ def corrupt(
     return Corrupted(x0, apply_mask(x0, masked, vocab), masked, maskable, t, weight.to(x0.device))
 
 
+def drop_segments(c: Corrupted, drop: Tensor, vocab: Vocab) -> Corrupted:
+    """Mask whole conditioning segments and take them out of the loss (classifier-free guidance).
+
+    drop (B, L) bool: positions to hide, e.g. the caption of an image-text row. They become MASK_m,
+    are not supervised and do not count in N(x), so the row estimates the NELBO of the rest of the
+    sequence *without* that segment: the unconditional model that guidance contrasts with the
+    conditional one (``sample.py``). Rows without dropped positions are unchanged.
+    """
+    x_t = torch.where(drop, vocab.mask_table().to(c.x0.device)[c.x0], c.x_t)
+    return Corrupted(c.x0, x_t, c.masked & ~drop, c.maskable & ~drop, c.t, c.weight)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The loss: an unbiased estimate of the negative ELBO
 # ----------------------------------------------------------------------------------------------
@@ -425,14 +444,26 @@ class NELBO:
 
     loss: scalar, sum over rows of w(t) * sum_{i in I_t} -log p(x0_i | x_t), divided by the sum
     over rows of N(x) (differentiable; what training minimises).
-    per_modality: the same numerator restricted to positions of one modality, divided by that
-    modality's count of data positions (detached floats; nan where the batch has none).
+    modality_sums, modality_counts: (3,) the same numerator restricted to the masked positions of
+    each modality, and that modality's number of data positions (detached; ``per_modality`` divides
+    them, which waits for the device, so training loops accumulate the tensors and divide at logging).
     per_row: (B,) each row's own estimate L(x)/N(x) (detached, float64).
     """
 
     loss: Tensor
-    per_modality: dict[str, float] = field(default_factory=dict)
-    per_row: Tensor | None = None
+    modality_sums: Tensor
+    modality_counts: Tensor
+    per_row: Tensor
+
+    @property
+    def per_modality(self) -> dict[str, float]:
+        """{modality: nats per data token of that modality} (nan where the batch has none)."""
+        return per_modality(self.modality_sums, self.modality_counts)
+
+
+def per_modality(sums: Tensor, counts: Tensor) -> dict[str, float]:
+    values = (sums.double() / counts.double()).tolist()
+    return {m: (v if c > 0 else float("nan")) for m, v, c in zip(MODALITIES, values, counts.tolist(), strict=True)}
 
 
 def nelbo(nll_fn: NllFn, c: Corrupted, vocab: Vocab) -> NELBO:
@@ -446,24 +477,20 @@ def nelbo(nll_fn: NllFn, c: Corrupted, vocab: Vocab) -> NELBO:
     masked positions: nothing else enters the loss.
     """
     nll = nll_fn(c.x_t, c.x0, c.masked)  # (n,) at the masked positions, row-major
-    if nll.shape != (int(c.masked.sum()),):
+    if nll.dim() != 1 or nll.shape[0] != c.masked.sum():
         raise ValueError(f"nll_fn must return one value per masked position; got shape {tuple(nll.shape)}")
     rows = c.masked.nonzero()[:, 0]
     weighted = c.weight[rows].to(nll.dtype) * nll  # (n,) w(t_row) * -log p
     n_data = c.maskable.sum(-1)  # (B,) N(x)
-    total = n_data.sum().clamp_min(1)
-    loss = weighted.sum() / total
+    loss = weighted.sum() / n_data.sum().clamp_min(1)
     per_row = torch.zeros(c.x0.shape[0], dtype=torch.float64, device=nll.device)
     per_row.index_add_(0, rows, weighted.detach().double())
     per_row = per_row / n_data.clamp_min(1)
     modality = vocab.modality_of(c.x0)  # (B, L)
-    mod_masked = modality[c.masked]
-    per_modality = {}
-    for i, m in enumerate(MODALITIES):
-        count = int((c.maskable & (modality == i)).sum())
-        num = weighted.detach()[mod_masked == i].sum()
-        per_modality[m] = float(num) / count if count else float("nan")
-    return NELBO(loss, per_modality, per_row)
+    sums = torch.zeros(len(MODALITIES), dtype=torch.float64, device=nll.device)
+    sums.index_add_(0, modality[c.masked], weighted.detach().double())
+    counts = torch.bincount(modality[c.maskable], minlength=len(MODALITIES))
+    return NELBO(loss, sums, counts, per_row)
 
 
 def exact_nelbo(

@@ -504,3 +504,36 @@ def test_presets_build_and_report_parameter_counts() -> None:
     assert list(total.values()) == sorted(total.values())
     with pytest.raises(ValueError, match="divisible"):
         mdm.ModelConfig(d_model=30, n_heads=4)
+
+
+def test_drop_segments_hides_and_unsupervises_whole_segments() -> None:
+    g = torch.Generator().manual_seed(5)
+    x0 = VOCAB.to_global(torch.randint(0, 50, (3, 12), generator=g), "text")
+    c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), VOCAB, Schedule("linear"), generator=g)
+    drop = torch.zeros_like(x0, dtype=torch.bool)
+    drop[1, 4:9] = True
+    d = mdm.drop_segments(c, drop, VOCAB)
+    assert (d.x_t[drop] == VOCAB.mask("text")).all()
+    assert not d.masked[drop].any() and not d.maskable[drop].any()
+    assert torch.equal(d.x_t[~drop], c.x_t[~drop]) and torch.equal(d.masked[~drop], c.masked[~drop])
+    # The row now estimates the NELBO of its other positions: N(x) counts only them.
+    assert int(d.maskable[1].sum()) == 12 - 5
+    r = mdm.nelbo(_tiny_model().nll_at, d, VOCAB)
+    assert int(r.modality_counts.sum()) == 3 * 12 - 5
+
+
+def test_per_modality_breakdown_sums_to_the_loss() -> None:
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.cat(
+        [
+            VOCAB.to_global(torch.randint(0, 50, (4, 8), generator=g), "text"),
+            VOCAB.to_global(torch.randint(0, 17, (4, 8), generator=g), "image"),
+        ],
+        dim=1,
+    )
+    c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), VOCAB, Schedule("cosine"), generator=g)
+    r = mdm.nelbo(_tiny_model().nll_at, c, VOCAB)
+    assert abs(float(r.modality_sums.sum() / r.modality_counts.sum()) - float(r.loss)) < 1e-5
+    per = r.per_modality
+    assert math.isnan(per["audio"]) and per["text"] > 0 and per["image"] > 0
+    assert r.modality_counts.tolist() == [32, 0, 32]
