@@ -417,6 +417,18 @@ def corrupt(
     return Corrupted(x0, apply_mask(x0, masked, vocab), masked, maskable, t, weight.to(x0.device))
 
 
+def next_token_batch(x0: Tensor, pad: Tensor, vocab: Vocab) -> Corrupted:
+    """The autoregressive twin's "forward process": nothing is masked, every data position is predicted.
+
+    With a causal ``Denoiser`` (``ModelConfig(causal=True)``), ``nelbo`` of this batch is the
+    next-token NLL per data token, -1/N sum_i log p(x_i | x_<i): the baseline that masked diffusion
+    is compared with at equal compute (evaluate.py, bench.py). Position 0 (the task token) is given.
+    """
+    maskable = maskable_positions(x0, pad, vocab)
+    ones = torch.ones(x0.shape[0], dtype=torch.float64, device=x0.device)
+    return Corrupted(x0, x0, maskable, maskable, ones, ones)
+
+
 def drop_segments(c: Corrupted, drop: Tensor, vocab: Vocab) -> Corrupted:
     """Mask whole conditioning segments and take them out of the loss (classifier-free guidance).
 
@@ -726,9 +738,14 @@ class Denoiser(nn.Module):
         """-log p_theta(x0_i | x_t) at the positions where (B, L) is True -> (n,), row-major.
 
         Only the selected positions are unembedded, each against its own modality's slice: the
-        logits at the other positions are never computed.
+        logits at the other positions are never computed. For the causal twin (``cfg.causal``, the
+        autoregressive baseline) x_t is the clean row and position i is predicted from the hidden
+        state at i - 1: -log p(x_i | x_<i), next-token prediction (see ``next_token_batch``).
         """
-        h = self.hidden(x_t)[where]  # (n, d)
+        h = self.hidden(x_t)  # (B, L, d)
+        if self.cfg.causal:
+            h = F.pad(h[:, :-1], (0, 0, 1, 0))  # the state at i - 1 predicts position i
+        h = h[where]  # (n, d)
         mod = self.modality_ids[x_t[where]]  # (n,) modality of each selected position
         target = x0[where]
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)

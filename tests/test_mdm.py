@@ -533,7 +533,31 @@ def test_per_modality_breakdown_sums_to_the_loss() -> None:
     )
     c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), VOCAB, Schedule("cosine"), generator=g)
     r = mdm.nelbo(_tiny_model().nll_at, c, VOCAB)
-    assert abs(float(r.modality_sums.sum() / r.modality_counts.sum()) - float(r.loss)) < 1e-5
+    assert abs(float(r.modality_sums.sum() / r.modality_counts.sum()) - r.loss.item()) < 1e-5
     per = r.per_modality
     assert math.isnan(per["audio"]) and per["text"] > 0 and per["image"] > 0
     assert r.modality_counts.tolist() == [32, 0, 32]
+
+
+def test_autoregressive_twin_predicts_each_token_from_its_prefix_only() -> None:
+    model = _tiny_model(causal=True)
+    g = torch.Generator().manual_seed(8)
+    x0 = torch.cat(
+        [torch.full((2, 1), VOCAB.task("text")), VOCAB.to_global(torch.randint(0, 50, (2, 11), generator=g), "text")], 1
+    )
+    pad = torch.zeros_like(x0, dtype=torch.bool)
+    c = mdm.next_token_batch(x0, pad, VOCAB)
+    assert not c.masked[:, 0].any() and c.masked[:, 1:].all() and torch.equal(c.x_t, x0)
+    nll = model.nll_at(c.x_t, c.x0, c.masked).view(2, 11)
+    # -log p(x_i | x_<i) from the state at i - 1, against the text slice
+    h = model.hidden(x0)
+    logp = model.modality_logits(h[:, :-1].reshape(-1, 32), 0).log_softmax(-1).view(2, 11, -1)
+    manual = -logp.gather(-1, (x0[:, 1:] - VOCAB.predict_slice("text").start)[..., None])[..., 0]
+    torch.testing.assert_close(nll, manual)
+    # changing token j changes no prediction of positions <= j
+    y = x0.clone()
+    y[:, 6] = VOCAB.to_global(torch.tensor(49), "text")
+    nll_y = model.nll_at(y, y, c.masked).view(2, 11)
+    torch.testing.assert_close(nll_y[:, :5], nll[:, :5])
+    assert not torch.allclose(nll_y[:, 6:], nll[:, 6:])
+    assert abs(mdm.nelbo(model.nll_at, c, VOCAB).loss.item() - nll.mean().item()) < 1e-5
