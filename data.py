@@ -369,22 +369,42 @@ def split_documents(docs: list[str], chunk_chars: int = 2000) -> list[str]:
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's handwritten digits: images (1797, 8, 8) int64 in 0..16, labels (1797,)."""
-    from sklearn.datasets import load_digits
+    """scikit-learn's handwritten digits: images (1797, 8, 8) int64 in 0..16, labels (1797,).
 
-    d = load_digits()
-    return d.images.astype(np.int64), d.target.astype(np.int64)
+    Read straight from the CSV inside the scikit-learn wheel, as ``sklearn.datasets.load_digits``
+    does, without importing scikit-learn (2 s of imports on a laptop).
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the default image data are scikit-learn's digits: pip install scikit-learn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
 
 
-def spoken_digits(path: Path = ASSETS / "spoken_digits.npz") -> dict[str, np.ndarray]:
-    """The committed flite-synthesized spoken digits (see assets/make_spoken_digits.py)."""
+def spoken_digits(path: Path = ASSETS / "spoken_digits.npz") -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The committed flite-synthesized spoken digits: float32 waveforms and their metadata.
+
+    The npz (written by assets/make_spoken_digits.py) stores every clip as 8-bit mu-law codes in one
+    array ``audio`` cut at ``offsets``, with ``sample_rate``, ``transcripts``, ``labels``, ``voices``,
+    ``rates`` and ``pitches`` per clip. Decoding is ``MuLaw.decode``.
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"no spoken-digit data at {path}; regenerate it with `python assets/make_spoken_digits.py` "
             "(needs the Debian package flite)"
         )
     with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+        meta = {k: z[k] for k in z.files if k not in ("audio", "offsets")}
+        codes, offsets = z["audio"], z["offsets"]
+    if int(meta["mu"]) != 255:
+        raise ValueError(f"{path}: expected 8-bit mu-law (mu = 255), found mu = {int(meta['mu'])}")
+    wave = MuLaw(8).decode(codes)
+    return [wave[a:b] for a, b in itertools.pairwise(offsets)], meta
 
 
 def split_indices(n: int, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, np.ndarray]:
@@ -895,9 +915,9 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
 
     # audio-text: the committed spoken digits, or a user folder
     if cfg.audio_dir is None:
-        sd = spoken_digits()
-        clips = [resample(w, int(sd["sample_rate"]), codec.sample_rate) for w in _clips_of(sd)]
-        transcripts = [str(t) for t in sd["text"]]
+        waves, meta = spoken_digits()
+        clips = [resample(w, int(meta["sample_rate"]), codec.sample_rate) for w in waves]
+        transcripts = [str(t) for t in meta["transcripts"]]
     else:
         clips, transcripts = read_audio_folder(cfg.audio_dir, codec.sample_rate, cfg.strict)
     audio_labels = np.array([digit_named_in(t) if digit_named_in(t) is not None else -1 for t in transcripts])
@@ -916,13 +936,6 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
             for s, ix in ((s, torch.from_numpy(i)) for s, i in split.items())
         }
     return TriModalData(layout, tok, pixels, codec, text, pairs)
-
-
-def _clips_of(sd: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The clips of the committed npz as float32 waveforms (the generator script documents the format)."""
-    from fsq import clips_from_npz
-
-    return clips_from_npz(sd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""Tests of train.py: exact resume, DDP equivalence, learning, checkpoint errors, configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdm
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for seconds on 2 cores: 2 layers of width 32, 16 rows of 96 tokens per step.
+SMALL = [
+    "--d_model=32",
+    "--n_layers=2",
+    "--n_heads=2",
+    "--batch_size=16",
+    "--log_every=1",
+    "--eval_batches=1",
+    "--final_report=false",
+    "--warmup_tokens=3000",
+]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def vals(out: Path) -> list[dict]:
+    return [json.loads(line)["val"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
+    horizon = f"--tokens={12 * 16 * 96}"
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train.main([*SMALL, horizon, f"--out_dir={whole}", "--eval_every=0"])
+    # "Kill" after 5 steps (the checkpoint of step 5 is the last thing written), then resume.
+    train.main([*SMALL, horizon, f"--out_dir={part}", "--eval_every=0", "--max_steps=5"])
+    assert max(losses(part)) == 5
+    train.main([f"--resume={part / 'ckpt.pt'}"])
+    a, b = losses(whole), losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in range(6, 13):
+        assert a[step] == b[step], (step, a[step], b[step])
+    ckpt = train.read_checkpoint(part / "ckpt.pt")
+    assert ckpt["step"] == 12 and ckpt["data"]["step"] == 12
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train.main([*SMALL, f"--tokens={2 * 16 * 96}", f"--out_dir={out}", "--eval_every=0"])
+    ckpt = out / "ckpt.pt"
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    before = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train.main([f"--resume={ckpt}"])
+    assert (out / "metrics.jsonl").read_text() == before, "nothing was restarted"
+    ckpt.write_text("not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.read_checkpoint(ckpt)
+    torch.save({"hello": torch.zeros(1)}, ckpt)
+    with pytest.raises(ValueError, match="not a trimodal-mdm checkpoint"):
+        train.read_checkpoint(ckpt)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.main([f"--resume={tmp_path / 'missing.pt'}"])
+
+
+def test_short_run_lowers_validation_nelbo_of_every_modality(tmp_path: Path) -> None:
+    out = tmp_path / "learn"
+    train.main(
+        [
+            *SMALL,
+            f"--tokens={60 * 16 * 96}",
+            f"--out_dir={out}",
+            "--eval_every=60",
+            "--eval_batches=2",
+            "--lr=1e-2",
+            "--ema=0",
+        ]
+    )
+    first, last = vals(out)[0], vals(out)[-1]
+    for m in mdm.MODALITIES:
+        assert last[m] < 0.9 * first[m], (m, first[m], last[m])
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
+    horizon = f"--tokens={4 * 16 * 96}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*SMALL, horizon, "--eval_every=0", "--micro_batch=4"]
+    subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={one}"], check=True, env=env, capture_output=True
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *args,
+            f"--out_dir={two}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train.train_step
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            result.loss = float("nan")
+        return result
+
+    monkeypatch.setattr(train, "train_step", failing)
+    with pytest.raises(
+        SystemExit, match=r"non-finite loss .* at step 2; the last good checkpoint is .*ckpt.pt \(step 2\)"
+    ):
+        train.main([*SMALL, f"--tokens={6 * 16 * 96}", f"--out_dir={tmp_path}", "--eval_every=0", "--ckpt_every=2"])
+
+
+def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
+    cfg, over = train.parse_config(["--lr=1e-3", "--anti_masking", "false", "--preset=small", "--batch-size=32"])
+    assert cfg.lr == 1e-3 and cfg.anti_masking is False and cfg.preset == "small" and cfg.batch_size == 32
+    assert over["resume"] == ""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 5e-4, "seq_len": 128}))
+    cfg, _ = train.parse_config([f"--config={path}", "--seq_len=64"])
+    assert cfg.lr == 5e-4 and cfg.seq_len == 64, "the command line wins over the file"
+    with pytest.raises(SystemExit, match="unknown option --lrr"):
+        train.parse_config(["--lrr=1"])
+    with pytest.raises(SystemExit, match="cannot read 'abc' as float"):
+        train.parse_config(["--lr=abc"])
+    d = train.Dist(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="must be even"):
+        train.validate(train.TrainConfig(batch_size=7), d)
+    with pytest.raises(SystemExit, match="does not divide"):
+        train.validate(train.TrainConfig(batch_size=16, micro_batch=3), d)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train.TrainConfig(preset="huge").model_config()
+
+
+def test_parameter_groups_cover_the_model_with_depth_factors() -> None:
+    vocab = mdm.Vocab(text=50, audio=20, image=17)
+    model = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab)
+    cfg = train.TrainConfig(depth_factor=0.25, lr_embed=4.0)
+    groups = {g["name"]: g for g in train.param_groups(model, cfg, cfg.optim_settings())}
+    assert groups["embedding"]["lr_mult"] == 4.0
+    assert [groups[f"block{i}.mlp"]["lr_mult"] for i in range(3)] == [1.0, 0.5, 0.25]
+    assert groups["block1.norms"]["weight_decay"] == 0.0 and groups["block1.mlp"]["weight_decay"] == 0.1
