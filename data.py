@@ -287,7 +287,7 @@ class MuLaw:
     def encode(self, wave: np.ndarray) -> np.ndarray:
         x = np.clip(np.asarray(wave, dtype=np.float64), -1.0, 1.0)
         y = np.sign(x) * np.log1p(self.mu * np.abs(x)) / np.log1p(self.mu)
-        return np.rint((y + 1) / 2 * (self.levels - 1)).astype(np.int64)
+        return np.rint((y + 1) * ((self.levels - 1) / 2)).astype(np.int64)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids)
@@ -413,6 +413,14 @@ def split_indices(n: int, seed: int = 0, fractions: tuple[float, float] = (0.8, 
     a = round(fractions[0] * n)
     b = a + round(fractions[1] * n)
     return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
+
+
+def split_with_test(is_test: np.ndarray, seed: int = 0, val_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """A given test set; val is a seeded ``val_fraction`` of the other examples, train the rest."""
+    test, rest = np.flatnonzero(is_test), np.flatnonzero(~is_test)
+    perm = np.random.default_rng(seed).permutation(rest)
+    n_val = round(val_fraction * len(rest))
+    return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val]), "test": test}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -918,19 +926,21 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
         waves, meta = spoken_digits()
         clips = [resample(w, int(meta["sample_rate"]), codec.sample_rate) for w in waves]
         transcripts = [str(t) for t in meta["transcripts"]]
+        # the file's own test split holds unseen (rate, pitch) conditions of the voices; val comes from the rest
+        audio_split = split_with_test(meta["split"] == "test", cfg.seed)
     else:
         clips, transcripts = read_audio_folder(cfg.audio_dir, codec.sample_rate, cfg.strict)
+        audio_split = split_indices(len(clips), cfg.seed)
     audio_labels = np.array([digit_named_in(t) if digit_named_in(t) is not None else -1 for t in transcripts])
     limit = layout.text_capacity("audio_text")
     audio_caps = [tokenize_captions(tok, [t], limit, cfg.audio_dir or "spoken digits") for t in transcripts]
     audio_media = torch.from_numpy(np.stack([np.asarray(codec.encode(c), dtype=np.int64) for c in clips]))
 
     pairs: dict[str, dict[str, PairData]] = {}
-    for task, media, caps, labels_, raw in (
-        ("image_text", image_media, image_caps, labels, list(images)),
-        ("audio_text", audio_media, audio_caps, audio_labels, clips),
+    for task, media, caps, labels_, raw, split in (
+        ("image_text", image_media, image_caps, labels, list(images), split_indices(len(image_media), cfg.seed)),
+        ("audio_text", audio_media, audio_caps, audio_labels, clips, audio_split),
     ):
-        split = split_indices(len(media), cfg.seed)
         pairs[task] = {
             s: PairData(media[ix], [caps[i] for i in ix], torch.as_tensor(labels_)[ix], [raw[i] for i in ix])
             for s, ix in ((s, torch.from_numpy(i)) for s, i in split.items())

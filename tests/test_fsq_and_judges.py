@@ -1,0 +1,268 @@
+"""Tests of fsq.py (quantizer, audio codec, image autoencoder, adapters), the judges of evaluate.py and the
+committed spoken-digit data. All offline; the whole file runs in well under a minute on two cores."""
+
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import data
+import fsq
+from evaluate import (
+    DIGIT_WORDS,
+    AudioClassifierJudge,
+    DigitImageJudge,
+    SpeechJudge,
+    frechet_distance,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_AUDIO = fsq.AudioCodecConfig(channels=16, res_blocks=1, griffin_lim_iters=4)
+
+
+@pytest.fixture(scope="module")
+def spoken():
+    return data.spoken_digits(ROOT / "assets" / "spoken_digits.npz")
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return fsq.load_audio_codec(ROOT / "assets" / "audio_codec.pt")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return SpeechJudge()
+
+
+# --- FSQ ------------------------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(2, 8), min_size=1, max_size=4))
+def test_fsq_indices_and_codes_round_trip(levels):
+    q = fsq.FSQ(tuple(levels))
+    idx = torch.arange(q.codebook_size)
+    codes = q.indices_to_codes(idx)
+    assert codes.shape == (q.codebook_size, len(levels))
+    assert torch.equal(q.codes_to_indices(codes), idx)  # a bijection between the grid and [0, prod L)
+    assert codes.abs().max() <= 1.0
+    assert len({tuple(c) for c in codes.tolist()}) == q.codebook_size  # distinct codes
+
+
+@given(st.lists(st.integers(2, 8), min_size=1, max_size=4), st.floats(0.1, 20.0))
+def test_fsq_quantizes_any_latent_into_range(levels, scale):
+    q = fsq.FSQ(tuple(levels))
+    z = torch.randn(64, len(levels), generator=torch.Generator().manual_seed(0)) * scale
+    codes, idx = q.quantize(z)
+    assert idx.min() >= 0 and idx.max() < q.codebook_size
+    assert torch.equal(q.indices_to_codes(idx), codes)  # codes are exactly grid points
+    per_channel_levels = [len(torch.unique(codes[:, j])) for j in range(len(levels))]
+    assert all(n <= L for n, L in zip(per_channel_levels, levels, strict=True))
+
+
+def test_fsq_straight_through_gradient():
+    q = fsq.FSQ((7, 5, 5, 5))
+    z = torch.randn(10, 4, requires_grad=True)
+    (q(z) * torch.arange(1.0, 5.0)).sum().backward()
+    assert z.grad is not None and torch.all(z.grad.abs() > 0)  # rounding did not block the gradient
+    # the gradient is that of the bound tanh(.)/half_width: rounding acts as the identity
+    z2 = z.detach().clone().requires_grad_(True)
+    (q.bound(z2) / q.half_width * torch.arange(1.0, 5.0)).sum().backward()
+    assert torch.allclose(z.grad, z2.grad)
+
+
+# --- audio codec ------------------------------------------------------------------------------------
+
+
+def test_audio_codec_shapes_and_ranges():
+    c = fsq.AudioCodec(SMALL_AUDIO).eval()
+    assert c.tokens_per_clip == 32 and c.vocab_size == 875 and c.sample_rate == 12000
+    for n in (3000, c.n_samples, c.n_samples + 5000):  # shorter, exact, longer: all give one fixed length
+        ids = c.encode(np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1)
+        assert ids.shape == (c.tokens_per_clip,) and ids.dtype == np.int64
+        assert ids.min() >= 0 and ids.max() < c.vocab_size
+    wave = c.decode(ids)
+    assert wave.shape == (round(c.clip_seconds * c.sample_rate),) and wave.dtype == np.float32
+    with pytest.raises(ValueError, match="must lie in"):
+        c.decode(np.full(c.tokens_per_clip, c.vocab_size))
+    with pytest.raises(ValueError, match="expected"):
+        c.decode(np.zeros(c.tokens_per_clip + 1, dtype=np.int64))
+
+
+def test_audio_config_rejects_a_window_that_is_not_whole_tokens():
+    with pytest.raises(ValueError, match="multiple of hop"):
+        fsq.AudioCodecConfig(clip_seconds=1.0)
+
+
+def test_committed_codec_is_small_and_matches_the_data(codec, spoken):
+    waves, meta = spoken
+    assert (ROOT / "assets" / "audio_codec.pt").stat().st_size < 1_000_000
+    assert codec.sample_rate == int(meta["sample_rate"])
+    assert max(len(w) for w in waves) <= codec.n_samples  # no clip is cropped by the fixed window
+    assert 500 <= codec.vocab_size <= 1000 and 25 <= codec.tokens_per_clip / codec.clip_seconds <= 35
+
+
+def test_committed_codec_reconstructions_are_recognized(codec, spoken, judge):
+    waves, meta = spoken
+    pick = [int(np.nonzero((meta["labels"] == d) & (meta["voices"] == v) & (meta["rates"] == 0.95))[0][1])
+            for d, v in ((0, "awb"), (3, "rms"), (5, "kal16"), (7, "slt"), (9, "awb"), (4, "rms"))]  # fmt: skip
+    labels = meta["labels"][pick]
+    rec = codec.decode_batch(codec.encode_batch([waves[i] for i in pick]))
+    said = judge.recognize_all(list(rec), codec.sample_rate)
+    assert sum(s == DIGIT_WORDS[y] for s, y in zip(said, labels, strict=True)) >= 5, said
+
+
+def test_save_load_round_trip_gives_identical_encodings(codec, spoken, tmp_path):
+    waves, _ = spoken
+    codec.save(tmp_path / "c.pt")
+    again = fsq.AudioCodec.load(tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["format"] == fsq.FORMAT_AUDIO
+    batch = waves[:8]
+    assert np.array_equal(codec.encode_batch(batch), again.encode_batch(batch))
+
+
+# --- adapters ------------------------------------------------------------------------------------------
+
+
+def test_adapters_explain_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found.*train-audio"):
+        fsq.load_audio_codec(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match=r"not found.*train-image"):
+        fsq.load_image_tokenizer(tmp_path / "nope.pt")
+
+
+def test_adapters_explain_a_wrong_format(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="neither"):
+        fsq.load_audio_codec(text)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="expected a checkpoint of format"):
+        fsq.load_audio_codec(other)
+    fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=8, width=4)).save(other)
+    with pytest.raises(ValueError, match="audio-codec"):
+        fsq.load_audio_codec(other)  # an image checkpoint is not an audio codec
+    archive = tmp_path / "empty.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("hello.txt", "hi")
+    with pytest.raises(ValueError, match="neither"):
+        fsq.load_image_tokenizer(archive)
+
+
+def test_torchscript_export_of_our_codec_loads_through_the_adapter(codec, spoken, tmp_path):
+    waves, _ = spoken
+    fsq.export_torchscript(codec, tmp_path / "codec.ts")
+    scripted = fsq.load_audio_codec(tmp_path / "codec.ts")
+    assert isinstance(scripted, fsq.ScriptedAudioCodec)
+    assert (scripted.vocab_size, scripted.tokens_per_clip) == (codec.vocab_size, codec.tokens_per_clip)
+    assert (scripted.sample_rate, scripted.clip_seconds) == (codec.sample_rate, codec.clip_seconds)
+    ids = scripted.encode_batch(waves[:4])
+    assert np.array_equal(ids, codec.encode_batch(waves[:4]))
+    assert np.allclose(scripted.decode(ids[0]), codec.decode(ids[0]), atol=1e-4)
+
+
+def test_torchscript_module_without_the_contract_is_rejected(tmp_path):
+    with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "lin.ts"))
+    with pytest.raises(ValueError, match="lacks encode, decode"):
+        fsq.load_audio_codec(tmp_path / "lin.ts")
+
+
+def test_image_autoencoder_round_trips_and_exports(tmp_path):
+    cfg = fsq.ImageAEConfig(image_size=28, width=8)
+    model = fsq.ImageAutoencoder(cfg).eval()
+    images = np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
+    ids = model.encode(images)
+    assert ids.shape == (5, 49) and ids.min() >= 0 and ids.max() < model.vocab_size
+    assert model.decode(ids).shape == images.shape
+    model.save(tmp_path / "ae.pt")
+    assert np.array_equal(fsq.load_image_tokenizer(tmp_path / "ae.pt").encode(images), ids)
+    fsq.export_torchscript(model, tmp_path / "ae.ts")
+    scripted = fsq.load_image_tokenizer(tmp_path / "ae.ts")
+    assert isinstance(scripted, fsq.ScriptedImageTokenizer)
+    assert np.array_equal(scripted.encode(images), ids)
+    assert np.allclose(scripted.decode(ids), model.decode(ids), atol=1e-5)
+
+
+def test_image_autoencoder_learns_a_little():
+    images, _, _ = fsq.default_images(size=16)
+    cfg = fsq.ImageAEConfig(image_size=16, width=16)
+    tc = fsq.TrainConfig(steps=150, batch=16, lr=3e-3, warmup=10, log_every=1000)
+    model = fsq.train_image_autoencoder(images[:256], cfg, tc, log=lambda s: None)
+    x = images[256:320]
+    mse = np.mean((model.decode(model.encode(x)) - x) ** 2)
+    assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)  # well below predicting the mean image
+
+
+# --- judges ---------------------------------------------------------------------------------------------
+
+
+def test_speech_judge_recognizes_clean_clips(spoken, judge):
+    waves, meta = spoken
+    pick = np.nonzero((meta["voices"] == "awb") & (meta["rates"] == 0.95) & (meta["pitches"] == 135.0))[0]
+    assert judge.accuracy([waves[i] for i in pick], meta["labels"][pick], int(meta["sample_rate"])) >= 0.9
+    assert judge.recognize(np.zeros(6000, dtype=np.float32), 12000) in ("", *DIGIT_WORDS)
+
+
+def test_audio_classifier_judge_on_unseen_conditions(spoken):
+    waves, meta = spoken
+    train, test = np.nonzero(meta["split"] == "train")[0], np.nonzero(meta["split"] == "test")[0]
+    j = AudioClassifierJudge(int(meta["sample_rate"])).fit([waves[i] for i in train], meta["labels"][train])
+    assert j.accuracy([waves[i] for i in test], meta["labels"][test]) > 0.85
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.default_rng(0).permutation(len(d.target))
+    return d.images[perm].astype(np.int64), d.target[perm]
+
+
+def test_digit_image_judge_accuracy_and_features(digits):
+    images, labels = digits
+    judge = DigitImageJudge().fit(images[:1400], labels[:1400])
+    assert judge.accuracy(images[1400:], labels[1400:]) > 0.9
+    assert judge.features(images[:10]).shape == (10, judge.hidden)
+    with pytest.raises(ValueError, match="8x8"):
+        judge.predict(np.zeros((2, 7, 7)))
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_noise(digits):
+    images, _ = digits
+    x = images.reshape(len(images), -1).astype(np.float64)
+    rng = np.random.default_rng(0)
+    assert abs(frechet_distance(x, x)) < 1e-6
+    fds = [frechet_distance(x, x + s * rng.standard_normal(x.shape)) for s in (0.5, 2.0, 4.0)]
+    assert 0 < fds[0] < fds[1] < fds[2]
+    with pytest.raises(ValueError):
+        frechet_distance(x, x[:, :10])
+
+
+# --- the committed spoken-digit data ---------------------------------------------------------------------
+
+
+def test_spoken_digits_file_has_the_documented_layout():
+    path = ROOT / "assets" / "spoken_digits.npz"
+    assert path.stat().st_size < 2_000_000
+    with np.load(path) as z:
+        keys = {"audio", "offsets", "sample_rate", "mu", "transcripts", "labels", "voices", "rates", "pitches", "split"}
+        assert set(z.files) == keys
+        n = len(z["labels"])
+        assert z["audio"].dtype == np.uint8 and z["offsets"].shape == (n + 1,)
+        assert z["offsets"][0] == 0 and z["offsets"][-1] == len(z["audio"]) and np.all(np.diff(z["offsets"]) > 0)
+        for k in ("transcripts", "voices", "rates", "pitches", "split"):
+            assert z[k].shape == (n,), k
+        assert [DIGIT_WORDS[y] for y in z["labels"]] == list(z["transcripts"])
+        assert set(np.unique(z["labels"])) == set(range(10)) and set(z["split"]) == {"train", "test"}
+        assert {"kal", "kal16", "awb", "rms", "slt"} <= set(z["voices"])
+        assert int(z["sample_rate"]) == 12000 and int(z["mu"]) == 255
+        assert len(np.unique(z["rates"])) >= 3 and len(np.unique(z["pitches"])) >= 3
