@@ -441,6 +441,19 @@ def drop_segments(c: Corrupted, drop: Tensor, vocab: Vocab) -> Corrupted:
     return Corrupted(c.x0, x_t, c.masked & ~drop, c.maskable & ~drop, c.t, c.weight)
 
 
+def reveal_segments(c: Corrupted, given: Tensor) -> Corrupted:
+    """Show whole segments clean and take them out of the loss: a conditional NELBO.
+
+    given (B, L) bool: positions to condition on, e.g. the caption of an image-text row. They keep
+    their clean tokens, are not supervised and do not count in N(x), so the row estimates
+    -log p(rest | given segment): exactly the situation of text-to-image or captioning at sampling
+    time, which the joint forward process reaches only rarely (a whole caption unmasked while most
+    of the image is masked needs every caption token to survive at a large t).
+    """
+    x_t = torch.where(given, c.x0, c.x_t)
+    return Corrupted(c.x0, x_t, c.masked & ~given, c.maskable & ~given, c.t, c.weight)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The loss: an unbiased estimate of the negative ELBO
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 What one step does (read ``train_step`` first):
 1. ``data.BatchIterator`` builds the global batch of step k, a pure function of (seed, k);
 2. ``mdm.corrupt`` draws t and the masks for all of it (anti-masking doubles each sequence), and
-   ``mdm.drop_segments`` hides whole conditioning segments of a few pair rows (for guidance);
+   ``mdm.reveal_segments`` / ``mdm.drop_segments`` make some pair rows conditional (one segment
+   given clean: the text-to-image, captioning, ... situations) or unconditional (for guidance);
 3. this process keeps its rows and splits them into micro-batches; each micro-batch's
    ``mdm.nelbo`` is scaled so that the gradients summed over micro-batches and averaged by DDP/FSDP
    over processes are those of the NELBO of the whole global batch;
@@ -88,7 +89,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_tokens: float = 3e5
     final_lr_frac: float = 0.1
-    ema: float = 0.999  # weight EMA factor per step; 0 = off
+    ema: float = 0.995  # weight EMA factor per step (an average over ~1/(1 - ema) steps); 0 = off
     grad_clip: float = 1.0
     lr_embed: float = 3.0  # learning-rate multipliers per module group (our reading of the paper)
     lr_unembed: float = 1.0
@@ -99,7 +100,8 @@ class TrainConfig:
     schedule: str = "linear"
     anti_masking: bool = True
     t_min: float = 1e-3
-    cond_drop: float = 0.1  # probability of hiding a pair row's conditioning segment (for guidance)
+    cond_drop: float = 0.1  # probability of hiding one segment of a pair row (the unconditional branch, for guidance)
+    cond_keep: float = 0.5  # probability of showing one segment of a pair row clean (the conditional tasks)
     # run
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -387,29 +389,38 @@ def noise_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream + 1)
 
 
-def conditioning_drop(batch: data_lib.Batch, layout: data_lib.Layout, p: float, g: torch.Generator) -> torch.Tensor:
-    """(B, L) bool: for each pair row, with probability p, one of its two segments (chosen at random).
+def segment_roles(
+    batch: data_lib.Batch, layout: data_lib.Layout, p_keep: float, p_drop: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(given, hidden), each (B, L) bool: the pair rows trained conditionally or unconditionally.
 
-    The media segment is its tokens between BOS_m and EOS_m; the text segment is everything after
-    BOS_text (caption, EOS_text, PAD_text), so the unconditional model does not see the caption's
-    length either. These are exactly the positions the guided sampler masks for its unconditional pass.
+    Each pair row is, independently: with probability p_keep *conditional*, one of its two segments
+    (chosen at random) given clean; with probability p_drop *unconditional*, one segment hidden;
+    otherwise *joint*, both segments under the forward process. The media segment is its tokens
+    between BOS_m and EOS_m; the text segment is everything after BOS_text (caption, EOS_text,
+    PAD_text), so a hidden caption does not reveal its length either. These are exactly the
+    segments the samplers condition on, and mask for guidance.
     """
     B, L = batch.ids.shape
-    drop = torch.zeros(B, L, dtype=torch.bool)
-    coin = torch.rand(B, generator=g) < p
+    given = torch.zeros(B, L, dtype=torch.bool)
+    hidden = torch.zeros(B, L, dtype=torch.bool)
+    role = torch.rand(B, generator=g)
     which = torch.rand(B, generator=g) < 0.5
     for i in range(B):
         task = mdm.TASKS[int(batch.task[i])]
-        if task == "text" or not coin[i]:
+        if task == "text" or role[i] >= p_keep + p_drop:
             continue
-        drop[i, layout.media_slot(task) if which[i] else layout.text_slot(task)] = True
-    return drop
+        segment = layout.media_slot(task) if which[i] else layout.text_slot(task)
+        (given if role[i] < p_keep else hidden)[i, segment] = True
+    return given, hidden
 
 
 def corrupt_batch(
     batch: data_lib.Batch, layout: data_lib.Layout, cfg: TrainConfig, step: int, seed: int
 ) -> mdm.Corrupted:
-    """Forward process on the whole global batch (identical on every process)."""
+    """Forward process on the whole global batch (identical on every process); the AR twin's is none."""
+    if cfg.objective == "ar":
+        return mdm.next_token_batch(batch.ids, batch.pad, layout.vocab)
     g = noise_generator(seed, step)
     c = mdm.corrupt(
         batch.ids,
@@ -420,13 +431,10 @@ def corrupt_batch(
         anti_masking=cfg.anti_masking,
         generator=g,
     )
-    if cfg.cond_drop > 0:
-        b = (
-            batch
-            if not cfg.anti_masking
-            else data_lib.Batch(*(torch.cat([x, x]) for x in (batch.ids, batch.pad, batch.task, batch.modality)))
-        )
-        c = mdm.drop_segments(c, conditioning_drop(b, layout, cfg.cond_drop, g), layout.vocab)
+    if cfg.cond_keep > 0 or cfg.cond_drop > 0:
+        rows = data_lib.Batch(*(torch.cat([x, x]) for x in (batch.ids, batch.pad, batch.task, batch.modality)))
+        given, hidden = segment_roles(rows if cfg.anti_masking else batch, layout, cfg.cond_keep, cfg.cond_drop, g)
+        c = mdm.drop_segments(mdm.reveal_segments(c, given), hidden, layout.vocab)
     return c
 
 
@@ -751,7 +759,7 @@ def startup_report(
         f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}"
         f"{', compiled blocks' if cfg.compile else ''}",
         f"diffusion: schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, t in [{cfg.t_min}, {1 - cfg.t_min}], "
-        f"conditioning dropped with p = {cfg.cond_drop}",
+        f"pair rows: conditional with p = {cfg.cond_keep}, unconditional with p = {cfg.cond_drop}",
         plan.describe(),
     ]
     warning = sde_batch.critical_batch_warning(plan)
@@ -762,6 +770,10 @@ def startup_report(
 
 def validate(cfg: TrainConfig, d: Dist) -> int:
     """Check the batch arithmetic up front; return the micro-batch."""
+    if not (0 <= cfg.cond_keep and 0 <= cfg.cond_drop and cfg.cond_keep + cfg.cond_drop <= 1):
+        raise SystemExit(
+            f"--cond_keep and --cond_drop are probabilities summing to at most 1; got {cfg.cond_keep}, {cfg.cond_drop}"
+        )
     if cfg.anti_masking and cfg.batch_size % 2:
         raise SystemExit(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if cfg.batch_size % d.world:
@@ -785,7 +797,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the run's own config; --max_steps belongs to an invocation, not to the run
         cfg = replace(TrainConfig(**ckpt["config"]), **{"max_steps": 0, **overrides})
     if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden segments
-        cfg = replace(cfg, anti_masking=False, cond_drop=0.0)
+        cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)
     d = setup_distributed(cfg.device)
     micro = validate(cfg, d)
     torch.manual_seed(cfg.seed)

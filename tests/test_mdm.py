@@ -561,3 +561,28 @@ def test_autoregressive_twin_predicts_each_token_from_its_prefix_only() -> None:
     torch.testing.assert_close(nll_y[:, :5], nll[:, :5])
     assert not torch.allclose(nll_y[:, 6:], nll[:, 6:])
     assert abs(mdm.nelbo(model.nll_at, c, VOCAB).loss.item() - nll.mean().item()) < 1e-5
+
+
+def test_reveal_segments_gives_a_conditional_nelbo() -> None:
+    g = torch.Generator().manual_seed(9)
+    x0 = VOCAB.to_global(torch.randint(0, 50, (2, 10), generator=g), "text")
+    c = mdm.corrupt(
+        x0,
+        torch.zeros_like(x0, dtype=torch.bool),
+        VOCAB,
+        Schedule("linear"),
+        torch.full((2,), 0.99, dtype=torch.float64),
+        generator=g,
+    )
+    given = torch.zeros_like(x0, dtype=torch.bool)
+    given[0, :4] = True
+    r = mdm.reveal_segments(c, given)
+    assert torch.equal(r.x_t[given], x0[given]) and not r.masked[given].any() and not r.maskable[given].any()
+    assert torch.equal(r.x_t[~given], c.x_t[~given])
+    # with an oracle of a random joint, the exact NELBO of the rest equals -log p(rest | given)
+    oracle = Oracle(3, 4, seed=11)
+    x = torch.tensor([2, 1, 0, 2])
+    maskable = torch.tensor([False, True, True, True])  # position 0 given
+    exact = mdm.exact_nelbo(oracle, x, maskable, VOCAB)
+    marginal = float(oracle.p[(oracle.states[:, 0] == x[0])].sum())
+    assert abs(exact - (-oracle.log_prob(x) + math.log(marginal))) < 1e-9

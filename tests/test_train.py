@@ -170,3 +170,25 @@ def test_parameter_groups_cover_the_model_with_depth_factors() -> None:
     assert groups["embedding"]["lr_mult"] == 4.0
     assert [groups[f"block{i}.mlp"]["lr_mult"] for i in range(3)] == [1.0, 0.5, 0.25]
     assert groups["block1.norms"]["weight_decay"] == 0.0 and groups["block1.mlp"]["weight_decay"] == 0.1
+
+
+def test_pair_rows_are_conditional_unconditional_or_joint(tmp_path: Path) -> None:
+    import data as data_lib
+
+    vocab = mdm.Vocab(text=30, audio=12, image=17)
+    layout = data_lib.Layout(vocab, 40, 8, 6)
+    rows = [layout.pair_row("image_text", torch.arange(8) % 17, torch.tensor([1, 2, 3])) for _ in range(3000)]
+    ids = torch.stack(rows)
+    batch = data_lib.Batch(ids, torch.zeros_like(ids, dtype=torch.bool), torch.full((3000,), 1), vocab.modality_of(ids))
+    given, hidden = train.segment_roles(batch, layout, 0.5, 0.1, torch.Generator().manual_seed(0))
+    assert not (given & hidden).any()
+    media, text = layout.media_slot("image_text"), layout.text_slot("image_text")
+    for mask in (given, hidden):  # a whole segment or nothing
+        for seg in (media, text):
+            part = mask[:, seg]
+            assert (part.all(1) | ~part.any(1)).all()
+        assert not mask[:, : media.start].any(), "TASK and BOS_image are never picked"
+    assert abs(given.any(1).float().mean() - 0.5) < 0.04 and abs(hidden.any(1).float().mean() - 0.1) < 0.02
+    assert abs(given[:, media].all(1).float().mean() - 0.25) < 0.03, "media and text equally often"
+    with pytest.raises(SystemExit, match="summing to at most 1"):
+        train.validate(train.TrainConfig(cond_keep=0.8, cond_drop=0.3), train.Dist(0, 1, 0, torch.device("cpu")))
