@@ -7,8 +7,9 @@ Python itself (text), with scikit-learn (images) and with this repository (speec
 
 Sections, in the order a reader needs them:
 
-1. Tokenizers: a byte-level BPE trained here and used through ``tiktoken`` (text); gray levels as
-   tokens (8x8 digits, lossless); 8-bit mu-law (an exact audio reference). The learned FSQ image
+1. Tokenizers: a byte-level BPE trained here and used through ``tiktoken`` (text); gray-level
+   patches as tokens (8x8 digits: 2x2 patches of 4 levels, or lossless pixels); 8-bit mu-law (an
+   exact audio reference). The learned FSQ image
    autoencoder and audio codec live in ``fsq.py``; the default audio path uses its committed codec.
 2. The embedded default data: CPython's pydoc topics (text), scikit-learn's handwritten digits with
    caption templates (image-text), spoken digits synthesized with flite (audio-text).
@@ -218,44 +219,69 @@ class TextTokenizer:
 
 
 class PixelTokenizer:
-    """Gray levels as tokens: an image of integers 0..levels-1 is its own token sequence (lossless).
+    """Gray-level patches as tokens: small grayscale images without any training.
 
-    The default image-text data are scikit-learn's 8x8 digits with 17 gray levels: 64 tokens each.
+    An image of side x side pixels with integer gray levels 0 .. in_levels-1 is quantized to
+    ``levels`` gray levels, q = round(x (levels-1)/(in_levels-1)), and cut into (side/patch)^2
+    patches of patch x patch pixels; a patch is one token, its levels read as a number in base
+    ``levels`` (row-major): id = sum_j q_j levels^j. Vocabulary: levels^(patch^2) ids.
+
+    * ``PixelTokenizer(levels=17, patch=1)``: one token per pixel, lossless for the 8x8 digits
+      (64 tokens of 17 gray levels).
+    * The default ``PixelTokenizer(levels=4, patch=2)``: 16 tokens of 256 values per digit; four
+      gray levels keep the digit judge's accuracy (0.983 on the test digits, against 0.994 at 17
+      levels), and four times fewer image tokens make every image-text row shorter and each token
+      more telling, which is what lets the tiny model learn the image-text tasks on a laptop CPU.
     """
 
-    def __init__(self, levels: int = 17, side: int = 8) -> None:
-        self.levels, self.side = levels, side
+    def __init__(self, levels: int = 4, patch: int = 2, side: int = 8, in_levels: int = 17) -> None:
+        if side % patch:
+            raise ValueError(f"the patch size {patch} must divide the image side {side}")
+        if not 2 <= levels <= in_levels:
+            raise ValueError(f"levels must lie in [2, {in_levels}], got {levels}")
+        self.levels, self.patch, self.side, self.in_levels = levels, patch, side, in_levels
 
     @property
     def vocab_size(self) -> int:
-        return self.levels
+        return self.levels ** (self.patch * self.patch)
 
     @property
     def tokens_per_image(self) -> int:
-        return self.side * self.side
+        return (self.side // self.patch) ** 2
+
+    def _patches(self, a: np.ndarray) -> np.ndarray:
+        """(side, side) -> (n_patches, patch * patch), patches and their pixels in row-major order."""
+        n, p = self.side // self.patch, self.patch
+        return a.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)
+
+    def _image(self, patches: np.ndarray) -> np.ndarray:
+        n, p = self.side // self.patch, self.patch
+        return patches.reshape(n, n, p, p).transpose(0, 2, 1, 3).reshape(self.side, self.side)
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
         if image.shape != (self.side, self.side):
             raise ValueError(f"expected a {self.side}x{self.side} image, got shape {image.shape}")
-        ids = np.rint(image).astype(np.int64).reshape(-1)
-        if ids.min() < 0 or ids.max() >= self.levels or not np.allclose(image, np.rint(image)):
-            raise ValueError(
-                f"pixel values must be integers in [0, {self.levels}); quantize first (see to_gray_levels)"
-            )
-        return ids
+        if image.min() < 0 or image.max() > self.in_levels - 1 or not np.allclose(image, np.rint(image)):
+            raise ValueError(f"pixel values must be integers in [0, {self.in_levels}); quantize first (to_gray_levels)")
+        q = np.rint(np.rint(image) * (self.levels - 1) / (self.in_levels - 1)).astype(np.int64)
+        powers = self.levels ** np.arange(self.patch * self.patch)
+        return self._patches(q) @ powers
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids)
+        ids = np.asarray(ids).astype(np.int64)
         if ids.shape != (self.tokens_per_image,):
             raise ValueError(f"expected {self.tokens_per_image} image tokens, got shape {ids.shape}")
-        return ids.reshape(self.side, self.side).astype(np.int64)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"image token ids must lie in [0, {self.vocab_size})")
+        digits = (ids[:, None] // self.levels ** np.arange(self.patch * self.patch)) % self.levels
+        return np.rint(self._image(digits) * (self.in_levels - 1) / (self.levels - 1)).astype(np.int64)
 
     def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
         """Any grayscale/colour image array (H, W[, C]) with values in [0, 255] -> side x side levels.
 
-        Resized by area averaging (PIL), then quantized to ``levels`` gray levels, bright = ink as in
-        the digits data (so dark-on-light images are inverted when their mean is bright).
+        Resized by area averaging (PIL) to ``in_levels`` gray levels, bright = ink as in the digits
+        data (so dark-on-light images are inverted when their mean is bright).
         """
         from PIL import Image
 
@@ -263,7 +289,10 @@ class PixelTokenizer:
         a = np.asarray(img, dtype=np.float64) / 255.0
         if a.mean() > 0.5:
             a = 1.0 - a
-        return np.rint(a * (self.levels - 1)).astype(np.int64)
+        return np.rint(a * (self.in_levels - 1)).astype(np.int64)
+
+    def to_dict(self) -> dict:
+        return {"levels": self.levels, "patch": self.patch, "side": self.side, "in_levels": self.in_levels}
 
 
 class MuLaw:
@@ -841,7 +870,7 @@ class BatchIterator:
 class DataConfig:
     """What data to build. Defaults: the embedded tri-modal world, tiny-model sizes."""
 
-    seq_len: int = 96  # L*: every row has this many tokens
+    seq_len: int = 48  # L*: every row has this many tokens
     text_vocab: int = 1024  # size of the default BPE (a committed rank file exists for 1024)
     text_tokenizer: str = "default"  # "default", a path to a .tiktoken file, or "tiktoken:<name>"
     default_text: bool = True  # include CPython's pydoc topics
@@ -849,6 +878,8 @@ class DataConfig:
     image_dir: str | None = None  # a folder with images + captions.jsonl, replacing the digits
     audio_dir: str | None = None  # a folder with clips + transcripts, replacing the spoken digits
     audio_codec: str = str(ASSETS / "audio_codec.pt")
+    image_levels: int = 4  # gray levels per pixel token (17 = lossless digits)
+    image_patch: int = 2  # pixels per image token side (1 = one token per pixel)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
     seed: int = 0  # the splits' seed
 
@@ -893,7 +924,7 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
     from fsq import load_audio_codec
 
     tok = load_text_tokenizer(cfg)
-    pixels = PixelTokenizer()
+    pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
     codec = load_audio_codec(cfg.audio_codec)
     vocab = Vocab(text=tok.vocab_size, audio=codec.vocab_size, image=pixels.vocab_size)
     layout = Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
@@ -934,7 +965,9 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
     audio_labels = np.array([digit_named_in(t) if digit_named_in(t) is not None else -1 for t in transcripts])
     limit = layout.text_capacity("audio_text")
     audio_caps = [tokenize_captions(tok, [t], limit, cfg.audio_dir or "spoken digits") for t in transcripts]
-    audio_media = torch.from_numpy(np.stack([np.asarray(codec.encode(c), dtype=np.int64) for c in clips]))
+    audio_media = torch.from_numpy(
+        np.concatenate([codec.encode_batch(clips[i : i + 64]) for i in range(0, len(clips), 64)])
+    )
 
     pairs: dict[str, dict[str, PairData]] = {}
     for task, media, caps, labels_, raw, split in (
@@ -997,7 +1030,7 @@ def main() -> None:
     b.add_argument("--vocab", type=int, default=1024)
     b.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("show", help="decode a few rows of every task")
-    s.add_argument("--seq-len", type=int, default=96)
+    s.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     args = p.parse_args()
     {"train-bpe": _train_bpe_command, "show": _show_command}[args.command](args)
 

@@ -61,13 +61,15 @@ class TrainConfig:
     n_layers: int = 0
     n_heads: int = 0
     # data (see data.DataConfig)
-    seq_len: int = 96
+    seq_len: int = 48
     text_vocab: int = 1024
     text_tokenizer: str = "default"
     text_files: str = ""  # comma-separated .txt / .jsonl files added to the text task
     image_dir: str = ""
     audio_dir: str = ""
     audio_codec: str = ""  # a codec checkpoint (fsq.py format or TorchScript); "" = the committed one
+    image_levels: int = 4  # image tokens: gray levels per pixel and pixels per token side (data.PixelTokenizer)
+    image_patch: int = 2
     strict: bool = False
     mix_text: float = 0.2  # modality mixing ratios (normalised to sum to 1)
     mix_image_text: float = 0.4
@@ -82,7 +84,7 @@ class TrainConfig:
     gamma: float = 0.44
     min_steps: int = 200  # S_crit: warn when the run has fewer optimizer steps
     # optimizer: reference settings, rescaled by kappa (sde_batch.rescale)
-    lr: float = 3e-3
+    lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8
@@ -125,6 +127,8 @@ class TrainConfig:
             image_dir=self.image_dir or None,
             audio_dir=self.audio_dir or None,
             strict=self.strict,
+            image_levels=self.image_levels,
+            image_patch=self.image_patch,
             **({"audio_codec": self.audio_codec} if self.audio_codec else {}),
             seed=self.seed,
         )
@@ -348,7 +352,7 @@ def make_optimizer(model: mdm.Denoiser, cfg: TrainConfig, settings: sde_batch.Op
         lr=settings.lr,
         betas=settings.betas,
         eps=settings.eps,
-        fused=device.type == "cuda",
+        fused=True,  # one kernel for all parameters, on CPU as on GPU (4x faster than the loop)
     )
 
 
@@ -692,7 +696,8 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
         raise ValueError(f"the audio codec at {codec_path} is not the one this checkpoint was trained with")
     codec = load_audio_codec(codec_path)
     tok = data_lib.TextTokenizer.from_text(ckpt["text_tokenizer"], f"{path}:text_tokenizer")
-    return Inference(model.to(device).eval(), layout, tok, data_lib.PixelTokenizer(), codec, cfg, int(ckpt["step"]))
+    pixels = data_lib.PixelTokenizer(cfg.image_levels, cfg.image_patch)
+    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(ckpt["step"]))
 
 
 # ----------------------------------------------------------------------------------------------

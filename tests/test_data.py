@@ -136,17 +136,40 @@ def test_committed_default_tokenizer_matches_its_hash() -> None:
 
 @given(st.lists(st.integers(0, 16), min_size=64, max_size=64))
 def test_pixel_tokenizer_is_lossless(pixels: list[int]) -> None:
-    tok = data.PixelTokenizer()
+    tok = data.PixelTokenizer(levels=17, patch=1)
     image = np.array(pixels).reshape(8, 8)
+    assert tok.vocab_size == 17 and tok.tokens_per_image == 64
     assert np.array_equal(tok.decode(tok.encode(image)), image)
 
 
+@given(st.lists(st.integers(0, 16), min_size=64, max_size=64), st.sampled_from([(4, 2), (3, 2), (5, 1), (2, 4)]))
+def test_patch_tokenizer_quantizes_and_round_trips(pixels: list[int], shape: tuple[int, int]) -> None:
+    levels, patch = shape
+    tok = data.PixelTokenizer(levels=levels, patch=patch)
+    image = np.array(pixels).reshape(8, 8)
+    ids = tok.encode(image)
+    assert ids.shape == ((8 // patch) ** 2,) and ids.min() >= 0 and ids.max() < levels ** (patch * patch)
+    back = tok.decode(ids)
+    step = 16 / (levels - 1)
+    assert np.abs(back - image).max() <= step / 2 + 0.5, "quantization error at most half a level step"
+    assert np.array_equal(tok.encode(back), ids), "decoded images are fixed points"
+    # each token holds one patch: changing one pixel changes exactly the token of its patch
+    bumped = image.copy()
+    bumped[3, 5] = 16 if image[3, 5] < 8 else 0
+    changed = np.flatnonzero(tok.encode(bumped) != ids)
+    assert changed.tolist() in ([], [(3 // patch) * (8 // patch) + 5 // patch])
+
+
 def test_pixel_tokenizer_rejects_bad_images() -> None:
-    tok = data.PixelTokenizer()
+    tok = data.PixelTokenizer(levels=17, patch=1)
     with pytest.raises(ValueError, match="8x8"):
         tok.encode(np.zeros((7, 8)))
     with pytest.raises(ValueError, match="integers in"):
         tok.encode(np.full((8, 8), 17))
+    with pytest.raises(ValueError, match="must divide"):
+        data.PixelTokenizer(levels=4, patch=3)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        data.PixelTokenizer(levels=4, patch=2).decode(np.full(16, 256))
     big = np.zeros((32, 32), dtype=np.uint8)
     big[8:24, 12:20] = 255  # a bright bar on black, two 8x8 cells wide
     levels = tok.to_gray_levels(big)
