@@ -579,7 +579,7 @@ def fake_train(monkeypatch: pytest.MonkeyPatch, error: Exception | None = None) 
             model=MODEL,
             layout=LAYOUT,
             text_tokenizer=FakeTokenizer(),
-            image_tokenizer=PixelTokenizer(levels=17, side=3),
+            image_tokenizer=PixelTokenizer(levels=17, side=3, patch=1),
             audio_codec=FakeCodec(),
         )
 

@@ -16,8 +16,11 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A run small enough for seconds on 2 cores: 2 layers of width 32, 16 rows of 96 tokens per step.
+# A run small enough for seconds on 2 cores: 2 layers of width 32, 16 rows of 48 tokens per step.
+# The sequence length is pinned so that step counts below do not depend on the default preset.
+STEP_TOKENS = 16 * 48
 SMALL = [
+    "--seq_len=48",
     "--d_model=32",
     "--n_layers=2",
     "--n_heads=2",
@@ -39,7 +42,7 @@ def vals(out: Path) -> list[dict]:
 
 
 def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
-    horizon = f"--tokens={12 * 16 * 96}"
+    horizon = f"--tokens={12 * STEP_TOKENS}"
     whole, part = tmp_path / "whole", tmp_path / "part"
     train.main([*SMALL, horizon, f"--out_dir={whole}", "--eval_every=0"])
     # "Kill" after 5 steps (the checkpoint of step 5 is the last thing written), then resume.
@@ -56,7 +59,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
 
 def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train.main([*SMALL, f"--tokens={2 * 16 * 96}", f"--out_dir={out}", "--eval_every=0"])
+    train.main([*SMALL, f"--tokens={5 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0"])
     ckpt = out / "ckpt.pt"
     blob = ckpt.read_bytes()
     ckpt.write_bytes(blob[: len(blob) // 2])
@@ -79,7 +82,7 @@ def test_short_run_lowers_validation_nelbo_of_every_modality(tmp_path: Path) -> 
     train.main(
         [
             *SMALL,
-            f"--tokens={60 * 16 * 96}",
+            f"--tokens={60 * STEP_TOKENS}",
             f"--out_dir={out}",
             "--eval_every=60",
             "--eval_batches=2",
@@ -94,7 +97,7 @@ def test_short_run_lowers_validation_nelbo_of_every_modality(tmp_path: Path) -> 
 
 
 def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
-    horizon = f"--tokens={4 * 16 * 96}"
+    horizon = f"--tokens={4 * STEP_TOKENS}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one, two = tmp_path / "one", tmp_path / "two"
     args = [*SMALL, horizon, "--eval_every=0", "--micro_batch=4"]
@@ -138,7 +141,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, mon
     with pytest.raises(
         SystemExit, match=r"non-finite loss .* at step 2; the last good checkpoint is .*ckpt.pt \(step 2\)"
     ):
-        train.main([*SMALL, f"--tokens={6 * 16 * 96}", f"--out_dir={tmp_path}", "--eval_every=0", "--ckpt_every=2"])
+        train.main([*SMALL, f"--tokens={6 * STEP_TOKENS}", f"--out_dir={tmp_path}", "--eval_every=0", "--ckpt_every=2"])
 
 
 def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
