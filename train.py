@@ -71,13 +71,13 @@ class TrainConfig:
     image_levels: int = 4  # image tokens: gray levels per pixel and pixels per token side (data.PixelTokenizer)
     image_patch: int = 2
     strict: bool = False
-    mix_text: float = 0.2  # modality mixing ratios (normalised to sum to 1)
-    mix_image_text: float = 0.4
+    mix_text: float = 0.15  # modality mixing ratios (normalised to sum to 1)
+    mix_image_text: float = 0.45
     mix_audio_text: float = 0.4
     # batch and horizon
     batch_size: int = 64  # B: sequences per optimizer step, all processes together
     micro_batch: int = 0  # sequences per forward pass per process; 0 = B / world_size
-    tokens: float = 6e6  # D: the token horizon (positions, padding included)
+    tokens: float = 8e6  # D: the token horizon (positions, padding included)
     # the SDE reference run (0 = this run is the reference: kappa = 1)
     base_batch: int = 0
     base_tokens: float = 0.0
@@ -103,7 +103,7 @@ class TrainConfig:
     anti_masking: bool = True
     t_min: float = 1e-3
     cond_drop: float = 0.1  # probability of hiding one segment of a pair row (the unconditional branch, for guidance)
-    cond_keep: float = 0.5  # probability of showing one segment of a pair row clean (the conditional tasks)
+    cond_keep: float = 0.7  # probability of showing one segment of a pair row clean (the conditional tasks)
     # run
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -712,16 +712,17 @@ def log_jsonl(path: Path, record: dict) -> None:
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
     """Training loss and validation NELBO per modality (bits per token) against tokens seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure + FigureCanvasAgg draw without pyplot's global state (no backend switch for the caller).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     train, val = [], []
     for line in metrics_path.read_text().splitlines():
         r = json.loads(line)
         (val if "val" in r else train).append(r)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     if train:
         ax.plot(
             [r["tokens"] for r in train],
@@ -741,7 +742,6 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
