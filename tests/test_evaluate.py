@@ -62,7 +62,18 @@ def test_report_writes_every_task_beside_its_judge_and_the_ar_twin(tmp_path: Pat
     train.main([*SMALL, f"--out_dir={mdm_dir}"])
     train.main([*SMALL, f"--out_dir={ar_dir}", "--objective=ar"])
     evaluate.main(
-        ["--checkpoint", str(mdm_dir / "ckpt.pt"), "--ar", str(ar_dir / "ckpt.pt"), "--out", str(out), "--per-digit", "1", "--batches", "2"]
+        [
+            "--checkpoint",
+            str(mdm_dir / "ckpt.pt"),
+            "--ar",
+            str(ar_dir / "ckpt.pt"),
+            "--out",
+            str(out),
+            "--per-digit",
+            "1",
+            "--batches",
+            "2",
+        ]
     )
     res = json.loads((out / "report.json").read_text())
     for task in ("t2i", "i2t", "s2t", "t2s"):
