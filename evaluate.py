@@ -436,6 +436,32 @@ def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0,
     return out
 
 
+def text_sample_quality(
+    rows: torch.Tensor, vocab: mdm.Vocab, ar_model: mdm.Denoiser | None = None, pad: torch.Tensor | None = None
+) -> dict:
+    """Unconditional text, judged two ways: the AR twin's NLL of the samples and their unigram entropy.
+
+    rows (B, L): finished text rows (TASK_text then text ids); pad (B, L) their padding, if any.
+    ``ar_bits_per_token`` is -1/N sum_i log2 p_AR(x_i | x_<i) over the samples' text tokens (the
+    "generative perplexity" of MDLM and others, in bits): how natural the text looks to an
+    independent model trained on the same data. Low is better only together with
+    ``unigram_entropy_bits`` (the entropy of the samples' token histogram, pooled): a sampler that
+    repeats one word scores a low NLL and a low entropy.
+    Compare both with the same figures of real held-out text.
+    """
+    pad = torch.zeros_like(rows, dtype=torch.bool) if pad is None else pad
+    text_ids = rows[(rows >= vocab.block_start("text")) & (rows < vocab.block_start("text") + vocab.text) & ~pad]
+    counts = torch.bincount(text_ids.flatten(), minlength=1).double()
+    p = counts[counts > 0] / counts.sum()
+    out = {"unigram_entropy_bits": float(-(p * p.log2()).sum()), "tokens": int(text_ids.numel())}
+    if ar_model is not None:
+        c = mdm.next_token_batch(rows, pad, vocab)
+        device = next(ar_model.parameters()).device
+        with torch.no_grad():
+            out["ar_bits_per_token"] = float(mdm.nelbo(ar_model.nll_at, c.to(device), vocab).loss) / LN2
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files
 # ----------------------------------------------------------------------------------------------
@@ -496,8 +522,14 @@ def report(
     i2t = media_to_text(inf, test_img, "i2t", presets["i2t"], seed, limit)
     s2t = media_to_text(inf, data.pairs["audio_text"]["test"], "s2t", presets["s2t"], seed, limit)
     t2s = text_to_speech(inf, judges, presets["t2s"], per_digit, seed)
-    _, text = sample_lib.generate(inf.model, inf.layout, "text", presets["text"], texts=[()] * 4, seed=seed)
+    _, text = sample_lib.generate(inf.model, inf.layout, "text", presets["text"], texts=[()] * 16, seed=seed)
     texts = [sample_lib.decode_text(r, inf.layout, "text", inf.text_tokenizer) for r in text.ids]
+    real = data_lib.BatchIterator(data, "test", 16, {"text": 1.0}, seed=seed).batch(0)
+    ar_model = ar.model if ar_checkpoint else None
+    res["text_generation"] = {
+        "samples": text_sample_quality(text.ids, data.vocab, ar_model),
+        "real_test_text": text_sample_quality(real.ids, data.vocab, ar_model, real.pad),
+    }
     strip = ("images", "waves", "texts", "labels", "prompts")
     res["generation"] = {
         name: {k: v for k, v in m.items() if k not in strip}
@@ -575,6 +607,18 @@ def markdown(res: dict) -> str:
     ar = res.get("ar_likelihood", {})
     for k, v in lk.items():
         lines.append(f"| {k.replace('_', ' ')} | {v} | {ar.get(k, '')} |")
+    tg = res.get("text_generation")
+    if tg:
+        judge = "ar_bits_per_token" in tg["samples"]
+        lines += [
+            "",
+            "| unconditional text | unigram entropy (bits) | AR twin NLL (bits/token) |",
+            "|---|---|---|",
+        ]
+        for name, key in (("16 samples", "samples"), ("real test text", "real_test_text")):
+            q = tg[key]
+            nll = f"{q['ar_bits_per_token']:.3f}" if judge else "(pass --ar)"
+            lines.append(f"| {name} | {q['unigram_entropy_bits']:.3f} | {nll} |")
     if ar:
         ratio = lk["text_bits_per_token"].mean / ar["text_bits_per_token"].mean
         lines += ["", f"Text NELBO / AR NLL = {ratio:.3f} (target <= {TARGETS['text_vs_ar']})."]
@@ -585,7 +629,7 @@ def markdown(res: dict) -> str:
             f"| {task} | {s['sampler']}, {s['steps']} steps, {s['schedule']}, T={s['temperature']}, "
             f"guidance {s['guidance']} | {m['nfe']} | {m['seconds_per_sample']:.3f} |"
         )
-    lines += ["", "Unconditional text samples:", ""] + [f"> {t[:300]!r}" for t in res["text_samples"]]
+    lines += ["", "Unconditional text samples:", ""] + [f"> {t[:300]!r}" for t in res["text_samples"][:4]]
     return "\n".join(lines) + "\n"
 
 

@@ -204,7 +204,7 @@ SIZES: dict[str, Size] = {
         inference_tokens=1.6e6,
         inference_samplers=("ancestral", "confidence"),
         inference_steps=(8, 16, 32, 64),
-        inference_temperatures=(0.7, 1.0),
+        inference_temperatures=(0.0, 0.5, 1.0),
         inference_guidance=(0.0, 1.5),
     ),
     "full": Size(
@@ -230,7 +230,7 @@ SIZES: dict[str, Size] = {
         inference_tokens=4e6,
         inference_samplers=("ancestral", "confidence"),
         inference_steps=(4, 8, 16, 32, 64, 128),
-        inference_temperatures=(0.5, 0.7, 1.0),
+        inference_temperatures=(0.0, 0.5, 0.7, 1.0),
         inference_guidance=(0.0, 1.0, 2.0, 4.0),
     ),
 }

@@ -86,11 +86,30 @@ def test_report_writes_every_task_beside_its_judge_and_the_ar_twin(tmp_path: Pat
     assert c["speech_judge_on_codec"] > 0.8 and c["audio_classifier_on_codec"] > 0.8
     for key in ("text_bits_per_token", "text_bits_per_byte", "image_bits_per_token", "audio_bits_per_token"):
         assert key in res["likelihood"] and key in res["ar_likelihood"]
+    tg = res["text_generation"]
+    for key in ("samples", "real_test_text"):
+        assert math.isfinite(tg[key]["ar_bits_per_token"]) and tg[key]["unigram_entropy_bits"] > 0
     md = (out / "report.md").read_text()
     assert "autoregressive twin NLL" in md and ">= 0.90" in md
     for name in ("t2i.png", "i2t.png", "t2s.png", "text_samples.txt"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "t2s").glob("*.wav"))) == 10
+
+
+def test_text_sample_quality_entropy_and_ar_nll(tiny_data) -> None:
+    v = tiny_data.vocab
+    start = v.block_start("text")
+    one_word = torch.full((2, 9), start + 5)
+    one_word[:, 0] = v.task("text")
+    assert evaluate.text_sample_quality(one_word, v)["unigram_entropy_bits"] == 0.0
+    four_words = one_word.clone()
+    four_words[:, 1:] = start + torch.arange(8) % 4
+    assert abs(evaluate.text_sample_quality(four_words, v)["unigram_entropy_bits"] - 2.0) < 1e-9
+    # A fresh causal twin is uniform over the text ids (+ EOS/PAD): log2 of its support per token.
+    torch.manual_seed(0)
+    ar = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=1, n_heads=2, causal=True), v)
+    got = evaluate.text_sample_quality(four_words, v, ar)["ar_bits_per_token"]
+    assert abs(got - math.log2(uniform_support(ar, v, "text"))) < 1e-6
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
