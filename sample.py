@@ -656,15 +656,16 @@ class SamplerConfig:
 
 # Per-task defaults, chosen by the inference sweep of the default tiny model on the *validation*
 # split (`python studies.py inference --size quick --checkpoint runs/tiny/ckpt.pt`; table and figure
-# in docs/studies.md, section 6; 2 sampler seeds). Lowering the temperature was the largest lever for
-# every judged task (accuracies at T = 1, ancestral: t2i 0.63-0.80, i2t 0.11-0.17, s2t 0.64-0.66,
-# t2s 0.33-0.53), guidance w = 1.5 helped the media outputs, and confidence ordering the short text
-# outputs. The chosen settings scored: t2i 1.00, i2t 0.43, s2t 0.75, t2s 0.93 (validation; the
-# test-split figures are in the README). Images and speech keep T = 0.5 so that repeated samples of one
-# prompt differ (T = 0 scores the same but gives identical samples). Unconditional text has no judge:
-# T = 0.8 ancestral was chosen with the autoregressive twin's NLL and the unigram entropy of the
-# samples (`evaluate.text_sample_quality`; the confidence sampler collapsed to repetitions), and 96
-# steps for 47 positions let caching skip about half of the network evaluations.
+# in docs/studies.md, section 6; means of 2 sampler seeds). Lowering the temperature was the largest
+# lever for every judged task (ancestral at T = 1: t2i 0.63-0.80, i2t 0.11-0.17, s2t 0.64-0.66,
+# t2s 0.38-0.45); guidance w = 1.5 helped the media outputs and hurt the text ones (s2t 0.40-0.52
+# with it); confidence ordering suited the short text outputs. The chosen settings scored t2i 1.00,
+# i2t 0.43, s2t 0.75, t2s 0.92 (the sweep's strict best for s2t, ancestral, 64 steps, T = 0.5,
+# scored 0.76 at 5x the NFE). Test-split figures are in the README. Images and speech keep T = 0.5
+# so that repeated samples of one prompt differ (T = 0 scores the same with identical samples).
+# Unconditional text has no judge: ancestral T = 0.8 was chosen with the autoregressive twin's NLL
+# and the unigram entropy of the samples (`evaluate.text_sample_quality`; the confidence sampler
+# collapsed to repetitions), with 96 steps for 47 positions so that caching skips empty steps.
 PRESETS: dict[str, SamplerConfig] = {
     "text": SamplerConfig(sampler="ancestral", steps=96, temperature=0.8),
     "t2i": SamplerConfig(sampler="ancestral", steps=32, temperature=0.5, guidance=1.5),
