@@ -808,6 +808,7 @@ def section_sampling(opts: Options) -> dict:
                         "sampler": sampler,
                         "batch": b,
                         "steps": steps,
+                        "guidance": preset.guidance,  # w != 0: two network passes per evaluation
                         "nfe_cached": on.nfe,
                         "nfe_uncached": off.nfe,
                         "nfe_ratio": off.nfe / max(1, on.nfe),

@@ -326,7 +326,7 @@ class BatchPlan:
         ref_steps = optimizer_steps(ref.tokens, ref.batch, self.seq_len)
         decay_steps = max(0, self.steps - self.warmup_steps)
         rows = [
-            ("batch B (sequences/step)", f"{ref.batch:g}", f"{self.batch:g}"),
+            ("batch B (rows/step)", f"{ref.batch:g}", f"{self.batch:g}"),
             ("tokens per step B·L", f"{ref.batch * self.seq_len:,}", f"{self.tokens_per_step:,}"),
             ("horizon D (tokens)", f"{ref.tokens:.4g}", f"{self.tokens:.4g}"),
             ("optimizer steps", f"{ref_steps:,}", f"{self.steps:,}"),

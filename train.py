@@ -656,6 +656,22 @@ def restore(ckpt: dict, model: mdm.Denoiser, opt, ema: EMA, it, d: Dist) -> tupl
     return int(ckpt["step"]), int(ckpt["tokens"])
 
 
+def gather_shards(path: str | Path, first: dict) -> dict:
+    """Full model and EMA tensors from a sharded (FSDP2) checkpoint folder, for inference on one process.
+
+    fully_shard splits every parameter along dim 0 into one contiguous chunk per rank (torch.chunk
+    order), so concatenating the ranks' local shards in rank order rebuilds the full tensor.
+    """
+    shards = [first] + [read_checkpoint(Path(path) / f"rank{r}.pt") for r in range(1, first["world"])]
+    model = {k: torch.cat([s["model"][k] for s in shards]) if v.dim() else v for k, v in first["model"].items()}
+    ema = None
+    if first["ema"] is not None:
+        ema = [
+            torch.cat(parts) if parts[0].dim() else parts[0] for parts in zip(*(s["ema"] for s in shards), strict=True)
+        ]
+    return {**first, "model": model, "ema": ema, "sharded": False}
+
+
 def file_sha256(path: str | Path) -> str:
     import hashlib
 
@@ -682,7 +698,7 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
 
     ckpt = read_checkpoint(path)
     if ckpt["sharded"]:
-        raise ValueError(f"{path} is a sharded (FSDP) checkpoint; export it with one process first")
+        ckpt = gather_shards(path, ckpt)
     cfg = TrainConfig(**ckpt["config"])
     layout = data_lib.Layout.from_dict(ckpt["layout"])
     model = mdm.Denoiser(mdm.ModelConfig(**ckpt["model_config"]), layout.vocab)
@@ -804,6 +820,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden segments
         cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)
     d = setup_distributed(cfg.device)
+    if ckpt is not None and ckpt["sharded"]:  # FSDP: every process resumes from its own shards
+        if ckpt["world"] != d.world:
+            raise ValueError(f"this sharded checkpoint was written by {ckpt['world']} processes; resume with as many")
+        ckpt = read_checkpoint(Path(resume) / f"rank{d.rank}.pt")
     micro = validate(cfg, d)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -907,6 +927,8 @@ def run_eval(net, model, ema, data, cfg, d, step, tokens, metrics, out) -> dict[
     model.eval()
     ema.swap(model) if ema.rho else None
     val = evaluate_nelbo(net, data, cfg, d, cfg.eval_batches)
+    if hasattr(net, "reshard"):  # FSDP2 leaves the root's parameters unsharded after a forward-only pass
+        net.reshard()
     ema.swap(model) if ema.rho else None
     model.train()
     if d.main:

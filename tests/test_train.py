@@ -126,6 +126,35 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
         assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
 
 
+def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
+
+
+def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard) on CPU/gloo: same losses as one process; a sharded checkpoint resumes exactly."""
+    horizon = f"--tokens={4 * STEP_TOKENS}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [*SMALL, horizon, "--eval_every=0", "--micro_batch=4", "--ckpt_every=1"]
+    subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={one}"], check=True, env=env, capture_output=True
+    )
+    done = torchrun([*args, "--fsdp=true", f"--out_dir={two}", "--max_steps=2"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["rank0.pt", "rank1.pt"]
+    done = torchrun([f"--resume={two / 'ckpt'}"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
+    # The shards gather into the same model as the one-process run (EMA weights).
+    full, sharded = train.load_for_inference(one / "ckpt.pt"), train.load_for_inference(two / "ckpt")
+    for (name, p), q in zip(full.model.named_parameters(), sharded.model.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = train.train_step
     calls = {"n": 0}
