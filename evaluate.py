@@ -615,7 +615,7 @@ def markdown(res: dict) -> str:
             "| unconditional text | unigram entropy (bits) | AR twin NLL (bits/token) |",
             "|---|---|---|",
         ]
-        for name, key in (("16 samples", "samples"), ("real test text", "real_test_text")):
+        for name, key in ((f"{len(res['text_samples'])} samples", "samples"), ("real test text", "real_test_text")):
             q = tg[key]
             nll = f"{q['ar_bits_per_token']:.3f}" if judge else "(pass --ar)"
             lines.append(f"| {name} | {q['unigram_entropy_bits']:.3f} | {nll} |")

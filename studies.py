@@ -1191,41 +1191,38 @@ def study_scaling(ctx: Context) -> dict:
     return summary
 
 
+def scaling_series(ax: Axes, pts: Sequence[dict], x: str, marker: str, color: str, label: str, line) -> None:
+    """One series of the scaling figure: seed means with their spread against ``x``, and the fit's line."""
+    ax.errorbar(
+        [p[x] for p in pts],
+        [p["loss_bits"] for p in pts],
+        yerr=[p["std"] for p in pts],
+        fmt=marker,
+        color=color,
+        ms=4,
+        capsize=2,
+        label=label,
+    )
+    if line is not None:
+        ax.plot(*line, "-", color=color, lw=1)
+
+
 def plot_scaling(ctx: Context, points: Sequence[dict], fit: ScalingFit | None, summary: Mapping, seeds: str) -> None:
     """Loss against D per model and against N per budget, points with seed spreads, lines from the fit."""
     fig, (a, b) = new_figure(2)
     models = list(dict.fromkeys(p["model"] for p in points))
     budgets = sorted({p["D"] for p in points})
+    n_range = np.geomspace(min(p["N"] for p in points), max(p["N"] for p in points), 30)
+    d_range = np.geomspace(min(budgets), max(budgets), 30)
     for k, model in enumerate(models):
         pts = sorted((p for p in points if p["model"] == model), key=lambda p: p["D"])
-        a.errorbar(
-            [p["D"] for p in pts],
-            [p["loss_bits"] for p in pts],
-            yerr=[p["std"] for p in pts],
-            fmt="o",
-            color=f"C{k}",
-            ms=4,
-            capsize=2,
-            label=f"{model} (N = {pts[0]['N']:.3g})",
-        )
-        if fit is not None:
-            grid = np.geomspace(min(budgets), max(budgets), 30)
-            a.plot(grid, fit.loss(pts[0]["N"], grid), "-", color=f"C{k}", lw=1)
+        n = pts[0]["N"]
+        line = (d_range, fit.loss(n, d_range)) if fit is not None else None
+        scaling_series(a, pts, "D", "o", f"C{k}", f"{model} (N = {n:.3g})", line)
     for k, d in enumerate(budgets):
         pts = sorted((p for p in points if p["D"] == d), key=lambda p: p["N"])
-        b.errorbar(
-            [p["N"] for p in pts],
-            [p["loss_bits"] for p in pts],
-            yerr=[p["std"] for p in pts],
-            fmt="s",
-            color=f"C{k}",
-            ms=4,
-            capsize=2,
-            label=f"D = {d:.3g}",
-        )
-        if fit is not None and pts:
-            grid = np.geomspace(min(p["N"] for p in points), max(p["N"] for p in points), 30)
-            b.plot(grid, fit.loss(grid, d), "-", color=f"C{k}", lw=1)
+        line = (n_range, fit.loss(n_range, d)) if fit is not None else None
+        scaling_series(b, pts, "N", "s", f"C{k}", f"D = {d:.3g}", line)
     for ax, xlabel in ((a, "tokens D"), (b, "body parameters N")):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)

@@ -20,9 +20,10 @@ What one step does (read ``train_step`` first):
 So the losses of a run do not depend on the number of processes or of accumulation steps, and a
 resumed run continues exactly (tests/test_train.py checks both).
 
-Batch vocabulary: ``batch_size`` B counts sequences per optimizer step over all processes (the
-*physical* batch of ``sde_batch.py``); ``micro_batch`` is what one process runs at once, so there are
-B / (micro_batch * world_size) accumulation steps. ``tokens`` is the horizon D; the learning-rate
+Batch vocabulary: ``batch_size`` B counts rows per optimizer step over all processes (the *physical*
+batch of ``sde_batch.py``; with anti-masking half of them are the complements of the other half);
+``micro_batch`` is what one process runs at once, so there are B / (micro_batch * world_size)
+accumulation steps. ``tokens`` is the horizon D; the learning-rate
 schedule and every optimizer setting come from ``sde_batch.plan`` (kappa = 1 unless a reference run
 ``base_batch``/``base_tokens`` is given).
 """
@@ -75,8 +76,8 @@ class TrainConfig:
     mix_image_text: float = 0.45
     mix_audio_text: float = 0.4
     # batch and horizon
-    batch_size: int = 64  # B: sequences per optimizer step, all processes together
-    micro_batch: int = 0  # sequences per forward pass per process; 0 = B / world_size
+    batch_size: int = 64  # B: rows per optimizer step, all processes together (anti-masked copies included)
+    micro_batch: int = 0  # rows per forward pass per process; 0 = B / world_size
     tokens: float = 8e6  # D: the token horizon (positions, padding included)
     # the SDE reference run (0 = this run is the reference: kappa = 1)
     base_batch: int = 0
@@ -626,8 +627,6 @@ def save_checkpoint(
 
 def restore(ckpt: dict, model: mdm.Denoiser, opt, ema: EMA, it, d: Dist) -> tuple[int, int]:
     """Load model, optimizer, EMA, iterator and RNG state in place; return (step, tokens)."""
-    if ckpt["sharded"] and ckpt["world"] != d.world:
-        raise ValueError(f"this sharded checkpoint was written by {ckpt['world']} processes; resume with as many")
     with torch.no_grad():
         own = model.state_dict()
         missing = set(own) ^ set(ckpt["model"])

@@ -96,6 +96,11 @@ def test_short_run_lowers_validation_nelbo_of_every_modality(tmp_path: Path) -> 
     assert (out / "loss.png").stat().st_size > 1000
 
 
+def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
+
+
 def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
     horizon = f"--tokens={4 * STEP_TOKENS}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -104,31 +109,12 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={one}"], check=True, env=env, capture_output=True
     )
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "train.py"),
-            *args,
-            f"--out_dir={two}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = torchrun([*args, f"--out_dir={two}"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
-
-
-def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
-    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
 
 
 def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_path: Path) -> None:
