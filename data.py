@@ -274,8 +274,16 @@ class PixelTokenizer:
             raise ValueError(f"expected {self.tokens_per_image} image tokens, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"image token ids must lie in [0, {self.vocab_size})")
-        digits = (ids[:, None] // self.levels ** np.arange(self.patch * self.patch)) % self.levels
+        digits = self._levels(ids)
         return np.rint(self._image(digits) * (self.in_levels - 1) / (self.levels - 1)).astype(np.int64)
+
+    def _levels(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) ids -> (n, patch * patch) the gray level of each pixel of each patch (the base-levels digits)."""
+        return (ids[:, None] // self.levels ** np.arange(self.patch * self.patch)) % self.levels
+
+    def code_vectors(self) -> np.ndarray:
+        """(vocab_size, patch * patch): what each token stands for, its pixels' gray levels (``mdm.embed_codes``)."""
+        return self._levels(np.arange(self.vocab_size)).astype(np.float32)
 
     def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
         """Any grayscale/colour image array (H, W[, C]) with values in [0, 255] -> side x side levels.
@@ -612,6 +620,18 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return resample_poly(wave, rate_out // g, rate_in // g).astype(np.float32)
 
 
+def speed_perturb(wave: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
+    """The clip played ``factor`` times faster: duration / factor, every frequency (pitch) x factor.
+
+    Speed perturbation (Ko et al., Interspeech 2015), the standard augmentation of speech
+    recognition: read the samples as if recorded at factor x sample_rate and resample to
+    sample_rate. Each factor gives every training clip a new (speaking rate, pitch) condition.
+    """
+    if not 0.5 <= factor <= 2.0:
+        raise ValueError(f"speed factors must lie in [0.5, 2], got {factor}")
+    return resample(wave, round(sample_rate * factor), sample_rate)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The sequence layout
 # ----------------------------------------------------------------------------------------------
@@ -745,6 +765,7 @@ class PairData:
     captions: list[list[list[int]]]  # per example, one or more tokenized captions (local text ids)
     labels: Tensor  # (N,) digit label where known, else -1
     raw: list[np.ndarray] = field(default_factory=list)  # the original images / clips (for judges)
+    variants: Tensor | None = None  # (N, K, M) media ids of K augmented copies (speed-perturbed training clips)
 
     def __len__(self) -> int:
         return self.media.shape[0]
@@ -765,6 +786,11 @@ class TriModalData:
     def vocab(self) -> Vocab:
         return self.layout.vocab
 
+    def code_vectors(self) -> dict[str, np.ndarray]:
+        """Per media modality, what each of its tokens stands for (tokenizers that can say; adapters may not)."""
+        tokenizers = {"image": self.image_tokenizer, "audio": self.audio_codec}
+        return {m: t.code_vectors() for m, t in tokenizers.items() if hasattr(t, "code_vectors")}
+
 
 @dataclass
 class Batch:
@@ -774,9 +800,11 @@ class Batch:
     pad: Tensor
     task: Tensor
     modality: Tensor
+    variants: Tensor | None = None  # (B, K, L): each row with its media replaced by an augmented copy (or unchanged)
 
     def rows(self, sl: slice) -> Batch:
-        return Batch(self.ids[sl], self.pad[sl], self.task[sl], self.modality[sl])
+        v = None if self.variants is None else self.variants[sl]
+        return Batch(self.ids[sl], self.pad[sl], self.task[sl], self.modality[sl], v)
 
 
 class BatchIterator:
@@ -824,26 +852,34 @@ class BatchIterator:
 
     def batch(self, step: int) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        layout, ids, pads, tasks = self.data.layout, [], [], []
+        layout, ids, pads, tasks, variants = self.data.layout, [], [], [], []
+        splits = [p[self.split] for p in self.data.pairs.values()]
+        k = max((p.variants.shape[1] for p in splits if p.variants is not None), default=0)  # copies per row
         for task, n in zip(TASKS, self.counts(g), strict=True):
             for _ in range(n):
                 if task == "text":
                     stream = self.data.text[self.split]
                     hi = max(1, len(stream) - (layout.seq_len - 1) + 1)
                     row, pad = layout.text_row(stream, int(torch.randint(hi, (), generator=g)))
+                    alternatives = [row] * k
                 else:
                     pairs = self.data.pairs[task][self.split]
                     i = int(torch.randint(len(pairs), (), generator=g))
                     options = pairs.captions[i]
                     caption = options[int(torch.randint(len(options), (), generator=g))]
-                    row = layout.pair_row(task, pairs.media[i], torch.tensor(caption, dtype=torch.long))
+                    caption = torch.tensor(caption, dtype=torch.long)
+                    row = layout.pair_row(task, pairs.media[i], caption)
                     pad = torch.zeros(layout.seq_len, dtype=torch.bool)
+                    copies = [] if pairs.variants is None else list(pairs.variants[i])
+                    alternatives = [layout.pair_row(task, m, caption) for m in copies] + [row] * (k - len(copies))
                 ids.append(row)
                 pads.append(pad)
                 tasks.append(TASKS.index(task))
+                variants += alternatives
         order = torch.randperm(self.batch_size, generator=g)
         x = torch.stack(ids)[order]
-        return Batch(x, torch.stack(pads)[order], torch.tensor(tasks)[order], self.data.vocab.modality_of(x))
+        alt = torch.stack(variants).view(self.batch_size, k, -1)[order] if k else None
+        return Batch(x, torch.stack(pads)[order], torch.tensor(tasks)[order], self.data.vocab.modality_of(x), alt)
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -881,6 +917,7 @@ class DataConfig:
     image_levels: int = 4  # gray levels per pixel token (17 = lossless digits)
     image_patch: int = 2  # pixels per image token side (1 = one token per pixel)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
+    audio_speeds: tuple[float, ...] = ()  # extra copies of each training clip at these speeds (train.py: 0.8-1.2)
     seed: int = 0  # the splits' seed
 
 
@@ -917,6 +954,12 @@ def tokenize_captions(tok: TextTokenizer, captions: list[str], limit: int, sourc
             raise ValueError(f"{source}: the caption {c[:60]!r} is {len(ids)} tokens; a row holds at most {limit}")
         out.append(ids)
     return out
+
+
+def encode_clips(codec, clips: list[np.ndarray]) -> Tensor:
+    """Waveforms -> (N, tokens_per_clip) long audio ids, 64 clips at a time (bounded memory)."""
+    chunks = [codec.encode_batch(clips[i : i + 64]) for i in range(0, len(clips), 64)]
+    return torch.from_numpy(np.concatenate(chunks)).long()
 
 
 def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
@@ -965,9 +1008,7 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
     audio_labels = np.array([digit_named_in(t) if digit_named_in(t) is not None else -1 for t in transcripts])
     limit = layout.text_capacity("audio_text")
     audio_caps = [tokenize_captions(tok, [t], limit, cfg.audio_dir or "spoken digits") for t in transcripts]
-    audio_media = torch.from_numpy(
-        np.concatenate([codec.encode_batch(clips[i : i + 64]) for i in range(0, len(clips), 64)])
-    )
+    audio_media = encode_clips(codec, clips)
 
     pairs: dict[str, dict[str, PairData]] = {}
     for task, media, caps, labels_, raw, split in (
@@ -978,6 +1019,12 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
             s: PairData(media[ix], [caps[i] for i in ix], torch.as_tensor(labels_)[ix], [raw[i] for i in ix])
             for s, ix in ((s, torch.from_numpy(i)) for s, i in split.items())
         }
+    # speed perturbation of the training clips only (val and test keep their original clips)
+    train = pairs["audio_text"]["train"]
+    if cfg.audio_speeds and len(train):
+        sr = codec.sample_rate
+        copies = [encode_clips(codec, [speed_perturb(w, f, sr) for w in train.raw]) for f in cfg.audio_speeds]
+        train.variants = torch.stack(copies, 1)  # (N, K, M)
     return TriModalData(layout, tok, pixels, codec, text, pairs)
 
 

@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +413,36 @@ def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, 
     }
 
 
+@torch.no_grad()
+def digit_probe(inf, pairs: data_lib.PairData, task: str, template: str = "{word}") -> float:
+    """What the model knows about the digit, without a sampler: one forward pass per example.
+
+    The ten captions ``template.format(word=..., d=...)`` share a prefix and then differ at one
+    position, where their ten tokens are distinct. The prefix is given, that position and all
+    later text positions are masked, and the prediction is the argmax of the model's logits over
+    the ten tokens there: accuracy against the label. Beside the sampled accuracy it separates
+    "the model does not know the digit" from "the sampler loses it".
+    """
+    layout, vocab, tok = inf.layout, inf.layout.vocab, inf.text_tokenizer
+    forms = [tok.encode(template.format(word=w, d=d)) for d, w in enumerate(data_lib.DIGIT_WORDS)]
+    at = next((i for i in range(min(map(len, forms))) if len({f[i] for f in forms}) > 1), None)
+    if at is None or len({f[at] for f in forms}) != 10:
+        raise ValueError(f"the template {template!r} does not give ten distinct tokens where the digits differ")
+    known = pairs.labels >= 0
+    if not known.any():
+        raise ValueError("none of these examples has a digit label")
+    candidates = vocab.to_global(torch.tensor([f[at] for f in forms]), "text")  # (10,)
+    at = layout.text_slot(task).start + at  # the probed position in the row
+    prefix = torch.tensor(forms[0])
+    rows = torch.stack([layout.pair_row(task, pairs.media[i], prefix) for i in known.nonzero()[:, 0].tolist()])
+    rows[:, at:] = vocab.mask("text")
+    device = next(inf.model.parameters(), torch.empty(0)).device
+    where = torch.zeros_like(rows, dtype=torch.bool)
+    where[:, at] = True
+    logits = inf.model(rows.to(device), where=where.to(device)).reshape(len(rows), -1)[:, candidates]  # (N, 10)
+    return float((logits.argmax(-1).cpu() == pairs.labels[known]).float().mean())
+
+
 def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0, speech_judge: bool = True) -> dict:
     """Speak each digit word; pocketsphinx (digit grammar) and the local classifier must recognize it."""
     prompts, labels = digit_prompts(per_digit, transcripts=True)
@@ -505,7 +535,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     inf = train.load_for_inference(checkpoint)
-    data = data_lib.build_data(inf.config.data_config())
+    data = data_lib.build_data(replace(inf.config.data_config(), audio_speeds=()))  # no training copies needed
     judges = fit_judges(data)
     test_img = data.pairs["image_text"]["test"]
     res: dict = {
@@ -535,6 +565,16 @@ def report(
         name: {k: v for k, v in m.items() if k not in strip}
         for name, m in (("t2i", t2i), ("i2t", i2t), ("s2t", s2t), ("t2s", t2s))
     }
+    res["digit_probe"] = {}  # the model's knowledge of the digit, without a sampler (test split)
+    for name, pairs, task, template in (
+        ("i2t", test_img, "image_text", "the digit {d}"),
+        ("s2t", data.pairs["audio_text"]["test"], "audio_text", "{word}"),
+    ):
+        try:
+            res["digit_probe"][name] = digit_probe(inf, pairs, task, template)
+        except ValueError as e:  # a custom tokenizer or unlabelled data: the report says why, and goes on
+            res["digit_probe"][name] = f"not measured: {e}"
+            print(f"digit probe {name}: not measured: {e}", file=sys.stderr)
     res["samplers"] = {k: v.to_dict() for k, v in presets.items()}
     res["text_samples"] = texts
     res["examples"] = {
@@ -600,6 +640,14 @@ def markdown(res: dict) -> str:
         f"{g['t2i']['frechet_distance']:.3f} (not comparable to published FID).",
         f"Judges on the raw held-out data: digit judge {c['image_judge_on_real']:.3f}, "
         f"pocketsphinx {c['speech_judge_on_real']:.3f}, audio classifier {c['audio_classifier_on_real']:.3f}.",
+    ]
+    if "digit_probe" in res:
+        p = {k: f"{v:.3f}" if isinstance(v, float) else v for k, v in res["digit_probe"].items()}
+        lines.append(
+            f"Digit probe (one forward pass, no sampler: the model's argmax over the ten digit tokens): "
+            f"held-out images {p['i2t']}, held-out clips {p['s2t']}."
+        )
+    lines += [
         "",
         "| likelihood (test split, bits) | masked diffusion NELBO | autoregressive twin NLL |",
         "|---|---|---|",

@@ -118,6 +118,10 @@ class FSQ(nn.Module):
         digits = torch.div(idx.long().unsqueeze(-1), self.basis, rounding_mode="floor") % self.lv
         return (digits.float() - self.half_width) / self.half_width
 
+    def code_vectors(self) -> np.ndarray:
+        """(codebook_size, d): every token's code, what it stands for (``mdm.embed_codes`` starts from it)."""
+        return self.indices_to_codes(torch.arange(self.codebook_size, device=self.basis.device)).cpu().numpy()
+
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(..., d) latents -> (codes, indices)."""
         q = self.forward(z)
@@ -280,6 +284,10 @@ class AudioCodec(nn.Module):
         self.clip_seconds: float = cfg.clip_seconds
         self.n_fft, self.hop, self.n_samples = cfg.n_fft, cfg.hop, cfg.n_samples
         self.log_floor, self.griffin_lim_iters = cfg.log_floor, cfg.griffin_lim_iters
+
+    def code_vectors(self) -> np.ndarray:
+        """(vocab_size, d): the FSQ code of every token id."""
+        return self.fsq.code_vectors()
 
     # --- features ---------------------------------------------------------------------------
     def magnitudes(self, waves: Tensor) -> Tensor:
@@ -510,6 +518,10 @@ class ImageAutoencoder(nn.Module):
         self.vocab_size: int = self.fsq.codebook_size
         self.tokens_per_image: int = cfg.tokens_per_image
         self.image_size: int = cfg.image_size
+
+    def code_vectors(self) -> np.ndarray:
+        """(vocab_size, d): the FSQ code of every token id."""
+        return self.fsq.code_vectors()
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, S, S) in [0, 1] -> reconstruction logits-free images in [0, 1] (straight-through FSQ)."""

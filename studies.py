@@ -1316,7 +1316,7 @@ def study_inference(ctx: Context) -> dict:
                 steps,
                 [m for m, _ in stats],
                 yerr=[s for _, s in stats],
-                fmt="-o",
+                marker="o",
                 ms=3,
                 capsize=2,
                 color=f"C{k % 10}",

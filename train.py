@@ -71,6 +71,8 @@ class TrainConfig:
     audio_codec: str = ""  # a codec checkpoint (fsq.py format or TorchScript); "" = the committed one
     image_levels: int = 4  # image tokens: gray levels per pixel and pixels per token side (data.PixelTokenizer)
     image_patch: int = 2
+    audio_speeds: str = "0.8,0.9,1.1,1.2"  # speed-perturbed copies of the training clips that recognition
+    # rows condition on ("" = none; data.speed_perturb, train.condition_on_copies)
     strict: bool = False
     mix_text: float = 0.15  # modality mixing ratios (normalised to sum to 1)
     mix_image_text: float = 0.45
@@ -99,12 +101,14 @@ class TrainConfig:
     depth_factor: float = 0.5  # the last block's lr multiplier; blocks in between interpolate geometrically
     # objective: "mdm" (masked diffusion) or "ar" (the autoregressive twin of the same shape, a baseline)
     objective: str = "mdm"
+    code_init: bool = True  # media token embeddings start from their codes (mdm.embed_codes)
     # diffusion
     schedule: str = "linear"
     anti_masking: bool = True
     t_min: float = 1e-3
     cond_drop: float = 0.1  # probability of hiding one segment of a pair row (the unconditional branch, for guidance)
     cond_keep: float = 0.7  # probability of showing one segment of a pair row clean (the conditional tasks)
+    cond_media: float = 0.5  # of those, the share that shows the media and hides the text (captioning, recognition)
     # run
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -130,9 +134,20 @@ class TrainConfig:
             strict=self.strict,
             image_levels=self.image_levels,
             image_patch=self.image_patch,
+            audio_speeds=self.speeds(),
             **({"audio_codec": self.audio_codec} if self.audio_codec else {}),
             seed=self.seed,
         )
+
+    def speeds(self) -> tuple[float, ...]:
+        """--audio_speeds as factors, each in [0.5, 2] (data.speed_perturb)."""
+        try:
+            factors = tuple(float(f) for f in self.audio_speeds.split(",") if f.strip())
+        except ValueError:
+            raise SystemExit(f"--audio_speeds takes comma-separated factors, got {self.audio_speeds!r}") from None
+        if not all(0.5 <= f <= 2 for f in factors):
+            raise SystemExit(f"--audio_speeds: each factor must lie in [0.5, 2], got {self.audio_speeds!r}")
+        return factors
 
     def model_config(self) -> mdm.ModelConfig:
         if self.preset not in mdm.PRESETS:
@@ -395,13 +410,21 @@ def noise_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 
 def segment_roles(
-    batch: data_lib.Batch, layout: data_lib.Layout, p_keep: float, p_drop: float, g: torch.Generator
+    batch: data_lib.Batch,
+    layout: data_lib.Layout,
+    p_keep: float,
+    p_drop: float,
+    g: torch.Generator,
+    p_media: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(given, hidden), each (B, L) bool: the pair rows trained conditionally or unconditionally.
 
     Each pair row is, independently: with probability p_keep *conditional*, one of its two segments
     (chosen at random) given clean; with probability p_drop *unconditional*, one segment hidden;
-    otherwise *joint*, both segments under the forward process. The media segment is its tokens
+    otherwise *joint*, both segments under the forward process. A conditional row shows the media
+    with probability p_media (it trains captioning / recognition) and the text otherwise (it trains
+    text-to-image / text-to-speech); an unconditional row hides either with probability 1/2 (the
+    branches guidance needs for both directions). The media segment is its tokens
     between BOS_m and EOS_m; the text segment is everything after BOS_text (caption, EOS_text,
     PAD_text), so a hidden caption does not reveal its length either. These are exactly the
     segments the samplers condition on, and mask for guidance.
@@ -410,13 +433,15 @@ def segment_roles(
     given = torch.zeros(B, L, dtype=torch.bool)
     hidden = torch.zeros(B, L, dtype=torch.bool)
     role = torch.rand(B, generator=g)
-    which = torch.rand(B, generator=g) < 0.5
+    u = torch.rand(B, generator=g)
     for i in range(B):
         task = mdm.TASKS[int(batch.task[i])]
         if task == "text" or role[i] >= p_keep + p_drop:
             continue
-        segment = layout.media_slot(task) if which[i] else layout.text_slot(task)
-        (given if role[i] < p_keep else hidden)[i, segment] = True
+        keep = bool(role[i] < p_keep)
+        media = bool(u[i] < (p_media if keep else 0.5))
+        segment = layout.media_slot(task) if media else layout.text_slot(task)
+        (given if keep else hidden)[i, segment] = True
     return given, hidden
 
 
@@ -438,9 +463,33 @@ def corrupt_batch(
     )
     if cfg.cond_keep > 0 or cfg.cond_drop > 0:
         rows = data_lib.Batch(*(torch.cat([x, x]) for x in (batch.ids, batch.pad, batch.task, batch.modality)))
-        given, hidden = segment_roles(rows if cfg.anti_masking else batch, layout, cfg.cond_keep, cfg.cond_drop, g)
+        given, hidden = segment_roles(
+            rows if cfg.anti_masking else batch, layout, cfg.cond_keep, cfg.cond_drop, g, cfg.cond_media
+        )
         c = mdm.drop_segments(mdm.reveal_segments(c, given), hidden, layout.vocab)
+        if batch.variants is not None:
+            variants = torch.cat([batch.variants, batch.variants]) if cfg.anti_masking else batch.variants
+            c = condition_on_copies(c, given, variants, g)
     return c
+
+
+def condition_on_copies(
+    c: mdm.Corrupted, given: torch.Tensor, variants: torch.Tensor, g: torch.Generator
+) -> mdm.Corrupted:
+    """Each row conditions on its original or one of its K augmented copies, each with probability 1/(K+1).
+
+    variants (B, K, L): the row with its media replaced by each copy (``data.Batch``). Only the
+    given (clean, unsupervised) positions change, and a copy differs from its row only in the media,
+    so this acts on recognition rows alone: they hear new speaking rates and pitches, while every row
+    that must *predict* audio still learns the real clips' distribution.
+    """
+    B, K, _ = variants.shape
+    pick = torch.randint(K + 1, (B,), generator=g)  # 0: the original
+    alt = variants[torch.arange(B), (pick - 1).clamp_min(0)]  # (B, L)
+    swap = given & (pick > 0)[:, None]
+    return mdm.Corrupted(
+        torch.where(swap, alt, c.x0), torch.where(swap, alt, c.x_t), c.masked, c.maskable, c.t, c.weight
+    )
 
 
 @dataclass
@@ -691,6 +740,15 @@ class Inference:
     step: int
 
 
+# options added after checkpoints were first written, at the values those runs used
+LEGACY_DEFAULTS = {"audio_speeds": "", "cond_media": 0.5, "code_init": False}
+
+
+def config_from_checkpoint(ckpt: dict) -> TrainConfig:
+    """The run's TrainConfig; an option its checkpoint predates takes the value the run had in effect."""
+    return TrainConfig(**{**LEGACY_DEFAULTS, **ckpt["config"]})
+
+
 def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cpu") -> Inference:
     """Rebuild the trained denoiser (EMA weights by default) with its layout and tokenizers."""
     from fsq import load_audio_codec
@@ -698,7 +756,7 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
     ckpt = read_checkpoint(path)
     if ckpt["sharded"]:
         ckpt = gather_shards(path, ckpt)
-    cfg = TrainConfig(**ckpt["config"])
+    cfg = config_from_checkpoint(ckpt)
     layout = data_lib.Layout.from_dict(ckpt["layout"])
     model = mdm.Denoiser(mdm.ModelConfig(**ckpt["model_config"]), layout.vocab)
     model.load_state_dict(ckpt["model"])
@@ -772,14 +830,17 @@ def startup_report(
     lines = [
         mdm.model_summary(model),
         f"data: |V| = {data.vocab.size}, L* = {data.layout.seq_len}, image {data.layout.image_len} tokens, "
-        f"audio {data.layout.audio_len} tokens; mixing {cfg.ratios}",
+        f"audio {data.layout.audio_len} tokens; mixing {cfg.ratios}"
+        + (f"; recognition rows also hear the training clips at speeds {cfg.audio_speeds}" if cfg.speeds() else "")
+        + ("; media embeddings start from their codes" if cfg.code_init else ""),
         f"batch: {cfg.batch_size} rows/step ({unique} sequences{' x2 by anti-masking' if cfg.anti_masking else ''}) "
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "
         f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}"
         f"{', compiled blocks' if cfg.compile else ''}",
         f"diffusion: schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, t in [{cfg.t_min}, {1 - cfg.t_min}], "
-        f"pair rows: conditional with p = {cfg.cond_keep}, unconditional with p = {cfg.cond_drop}",
+        f"pair rows: conditional with p = {cfg.cond_keep} (media shown in {cfg.cond_media} of them), "
+        f"unconditional with p = {cfg.cond_drop}",
         plan.describe(),
     ]
     warning = sde_batch.critical_batch_warning(plan)
@@ -794,6 +855,9 @@ def validate(cfg: TrainConfig, d: Dist) -> int:
         raise SystemExit(
             f"--cond_keep and --cond_drop are probabilities summing to at most 1; got {cfg.cond_keep}, {cfg.cond_drop}"
         )
+    if not 0 <= cfg.cond_media <= 1:
+        raise SystemExit(f"--cond_media is a probability; got {cfg.cond_media}")
+    cfg.speeds()
     if cfg.anti_masking and cfg.batch_size % 2:
         raise SystemExit(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if cfg.batch_size % d.world:
@@ -815,9 +879,9 @@ def main(argv: list[str] | None = None) -> dict:
     if resume:
         ckpt = read_checkpoint(resume)
         # the run's own config; --max_steps belongs to an invocation, not to the run
-        cfg = replace(TrainConfig(**ckpt["config"]), **{"max_steps": 0, **overrides})
-    if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden segments
-        cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)
+        cfg = replace(config_from_checkpoint(ckpt), **{"max_steps": 0, **overrides})
+    if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden or given segments
+        cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0, audio_speeds="")
     d = setup_distributed(cfg.device)
     if ckpt is not None and ckpt["sharded"]:  # FSDP: every process resumes from its own shards
         if ckpt["world"] != d.world:
@@ -829,7 +893,12 @@ def main(argv: list[str] | None = None) -> dict:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     data = data_lib.build_data(cfg.data_config())
-    model = mdm.Denoiser(cfg.model_config(), data.vocab).to(d.device)
+    model = mdm.Denoiser(cfg.model_config(), data.vocab)
+    if cfg.code_init and ckpt is None:  # media embeddings start from their tokens' codes (same on every rank)
+        g = torch.Generator().manual_seed(cfg.seed)
+        for m, codes in data.code_vectors().items():
+            mdm.embed_codes(model, m, torch.from_numpy(codes), g)
+    model = model.to(d.device)
     unique = cfg.batch_size // 2 if cfg.anti_masking else cfg.batch_size
     reference = sde_batch.Reference(
         batch=cfg.base_batch or cfg.batch_size,

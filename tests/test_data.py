@@ -424,3 +424,64 @@ def test_bad_audio_folder(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(ValueError, match="no transcripts"):
         data.read_audio_folder(empty, 16000)
+
+
+@pytest.mark.parametrize("levels,patch", [(4, 2), (17, 1), (3, 2)])
+def test_pixel_code_vectors_are_the_patches_gray_levels(levels: int, patch: int) -> None:
+    tok = data.PixelTokenizer(levels=levels, patch=patch)
+    codes = tok.code_vectors()
+    assert codes.shape == (tok.vocab_size, patch * patch)
+    # an image made of one token repeated decodes to that token's levels in every patch
+    for token in (0, tok.vocab_size // 3, tok.vocab_size - 1):
+        image = tok.decode(np.full(tok.tokens_per_image, token))
+        first_patch = image[:patch, :patch].reshape(-1)
+        assert np.allclose(first_patch, codes[token] * (tok.in_levels - 1) / (levels - 1), atol=0.5)
+
+
+def test_speed_perturbation_scales_pitch_and_duration() -> None:
+    sr = 12000
+    wave = np.sin(2 * np.pi * 500 * np.arange(sr) / sr).astype(np.float32)
+    for factor in (0.9, 1.1):
+        out = data.speed_perturb(wave, factor, sr)
+        assert abs(len(out) - sr / factor) <= 2, "duration / factor"
+        peak = np.argmax(np.abs(np.fft.rfft(out))) * sr / len(out)
+        assert abs(peak - 500 * factor) < 3, "pitch x factor"
+    with pytest.raises(ValueError, match="speed factors"):
+        data.speed_perturb(wave, 3.0, sr)
+
+
+def test_only_training_clips_get_speed_perturbed_copies() -> None:
+    plain = data.build_data(data.DataConfig(audio_speeds=())).pairs["audio_text"]
+    aug = data.build_data(data.DataConfig(audio_speeds=(0.9, 1.1))).pairs["audio_text"]
+    for split in ("train", "val", "test"):  # the examples themselves are unchanged
+        assert torch.equal(aug[split].media, plain[split].media)
+        assert aug[split].captions == plain[split].captions
+    assert aug["val"].variants is None and aug["test"].variants is None and plain["train"].variants is None
+    n, m = plain["train"].media.shape
+    assert aug["train"].variants.shape == (n, 2, m)
+    for k in (0, 1):  # each copy is a different token sequence of the same clip
+        assert (aug["train"].variants[:, k] != plain["train"].media).any(1).float().mean() > 0.9
+
+
+def test_batches_carry_each_rows_copies_and_the_same_rows_as_without() -> None:
+    aug = data.build_data(data.DataConfig(audio_speeds=(0.9, 1.1)))
+    ratios = {"text": 0.3, "image_text": 0.3, "audio_text": 0.4}
+    b = data.BatchIterator(aug, "train", 32, ratios, seed=3).batch(5)
+    assert b.variants.shape == (32, 2, aug.layout.seq_len)
+    pairs, media = aug.pairs["audio_text"]["train"], aug.layout.media_slot("audio_text")
+    audio = b.task == data.TASKS.index("audio_text")
+    assert audio.any() and (~audio).any()
+    for i in range(32):
+        if not audio[i]:  # text and image rows have no copies: the row itself, K times
+            assert torch.equal(b.variants[i], b.ids[i].expand(2, -1))
+            continue
+        v = aug.vocab
+        local = v.to_local(b.ids[i, media], "audio")
+        j = int(((pairs.media == local).all(1)).nonzero()[0])  # the example this row holds
+        for k in range(2):  # copy k: the same row with the example's k-th copy as its media
+            expect = b.ids[i].clone()
+            expect[media] = v.to_global(pairs.variants[j, k], "audio")
+            assert torch.equal(b.variants[i, k], expect)
+    # the copies draw nothing from the batch generator: the rows are those of a run without them
+    aug.pairs["audio_text"]["train"].variants = None
+    assert torch.equal(data.BatchIterator(aug, "train", 32, ratios, seed=3).batch(5).ids, b.ids)

@@ -89,8 +89,10 @@ def test_report_writes_every_task_beside_its_judge_and_the_ar_twin(tmp_path: Pat
     tg = res["text_generation"]
     for key in ("samples", "real_test_text"):
         assert math.isfinite(tg[key]["ar_bits_per_token"]) and tg[key]["unigram_entropy_bits"] > 0
+    for task in ("i2t", "s2t"):  # the sampler-free probe of the digit, measured on both tasks
+        assert 0.0 <= res["digit_probe"][task] <= 1.0, res["digit_probe"]
     md = (out / "report.md").read_text()
-    assert "autoregressive twin NLL" in md and ">= 0.90" in md
+    assert "autoregressive twin NLL" in md and ">= 0.90" in md and "Digit probe" in md
     for name in ("t2i.png", "i2t.png", "t2s.png", "text_samples.txt"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "t2s").glob("*.wav"))) == 10
@@ -117,3 +119,51 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
         evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")])
     assert e.value.code == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+class _DigitOracle(torch.nn.Module):
+    """A model that knows the digit perfectly, and only where the probe asks.
+
+    It reads the label from the first media token (the test writes it there), checks the row is
+    what the probe promises (the caption's prefix clean, the rest of the text MASK) and puts all
+    its mass on that digit's token at the probed position alone; elsewhere its logits are flat."""
+
+    def __init__(self, layout: data_lib.Layout, tokens: torch.Tensor, task: str, prefix: list[int], at: int) -> None:
+        super().__init__()
+        self.layout, self.tokens, self.task, self.prefix, self.at = layout, tokens, task, prefix, at
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # a device to read
+
+    def forward(self, rows: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        v, text = self.layout.vocab, self.layout.text_slot(self.task)
+        pos = text.start + self.at
+        given = v.to_global(torch.tensor(self.prefix[: self.at]), "text")
+        assert (rows[:, text.start : pos] == given).all(), "the caption's prefix is given"
+        assert (rows[:, pos : text.stop] == v.mask("text")).all(), "the rest of the text is masked"
+        label = rows[:, self.layout.media_slot(self.task).start] - v.block_start(data_lib.MEDIA[self.task])
+        logits = torch.zeros(*rows.shape, v.size)
+        logits[torch.arange(len(rows)), pos, self.tokens[label]] = 10.0
+        return logits if where is None else logits[where]
+
+
+@pytest.mark.parametrize("task,template", [("image_text", "the digit {d}"), ("audio_text", "{word}")])
+def test_digit_probe_reads_the_models_digit(tiny_data, task: str, template: str) -> None:
+    layout, tok, v = tiny_data.layout, tiny_data.text_tokenizer, tiny_data.vocab
+    forms = [tok.encode(template.format(word=w, d=d)) for d, w in enumerate(data_lib.DIGIT_WORDS)]
+    at = next(i for i in range(min(map(len, forms))) if len({f[i] for f in forms}) > 1)
+    tokens = v.to_global(torch.tensor([f[at] for f in forms]), "text")
+    labels = torch.arange(40) % 10
+    media = torch.zeros(40, layout.media_len(task), dtype=torch.long)
+    media[:, 0] = labels
+    pairs = data_lib.PairData(media, [[[1]]] * 40, labels)
+    oracle = _DigitOracle(layout, tokens, task, forms[0], at)
+    inf = train.Inference(oracle, layout, tok, tiny_data.image_tokenizer, tiny_data.audio_codec, train.TrainConfig(), 0)
+    assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
+    pairs.labels = (labels + 1) % 10  # the same model, every label wrong
+    assert evaluate.digit_probe(inf, pairs, task, template) == 0.0
+    pairs.labels = torch.where(labels < 5, labels, -1)  # unlabelled examples are left out
+    assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
+    with pytest.raises(ValueError, match="ten distinct tokens"):
+        evaluate.digit_probe(inf, pairs, task, "a digit")
+    pairs.labels = torch.full((40,), -1)
+    with pytest.raises(ValueError, match="none of these"):
+        evaluate.digit_probe(inf, pairs, task, template)

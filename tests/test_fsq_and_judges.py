@@ -52,6 +52,7 @@ def test_fsq_indices_and_codes_round_trip(levels):
     assert torch.equal(q.codes_to_indices(codes), idx)  # a bijection between the grid and [0, prod L)
     assert codes.abs().max() <= 1.0
     assert len({tuple(c) for c in codes.tolist()}) == q.codebook_size  # distinct codes
+    assert np.array_equal(q.code_vectors(), codes.numpy())  # what mdm.embed_codes starts from
 
 
 @given(st.lists(st.integers(2, 8), min_size=1, max_size=4), st.floats(0.1, 20.0))

@@ -586,3 +586,26 @@ def test_reveal_segments_gives_a_conditional_nelbo() -> None:
     exact = mdm.exact_nelbo(oracle, x, maskable, VOCAB)
     marginal = float(oracle.p[(oracle.states[:, 0] == x[0])].sum())
     assert abs(exact - (-oracle.log_prob(x) + math.log(marginal))) < 1e-9
+
+
+def test_embed_codes_adds_a_linear_image_of_the_codes_to_one_block_only() -> None:
+    model = mdm.Denoiser(mdm.ModelConfig(d_model=16, n_layers=1, n_heads=2), VOCAB)
+    before = model.embed.weight.detach().clone()
+    codes = torch.rand(VOCAB.image, 3)
+    mdm.embed_codes(model, "image", codes, torch.Generator().manual_seed(0))
+    delta = model.embed.weight.detach() - before
+    s = VOCAB.block_start("image")
+    block = delta[s : s + VOCAB.image]
+    # the change is z(codes) @ R: rank k = 3, and exactly linear in the standardized codes
+    assert torch.linalg.matrix_rank(block.double(), atol=1e-5) == 3
+    z = (codes - codes.mean(0)) / codes.std(0)
+    R = torch.linalg.lstsq(z.double(), block.double()).solution
+    assert torch.allclose(z.double() @ R, block.double(), atol=1e-6)
+    assert 0.005 < R.std() < 0.05  # R ~ N(0, 0.02^2)
+    outside = torch.ones(VOCAB.size, dtype=torch.bool)
+    outside[s : s + VOCAB.image] = False
+    assert torch.equal(delta[outside], torch.zeros_like(delta[outside]))
+    with pytest.raises(ValueError, match="one row per token"):
+        mdm.embed_codes(model, "audio", torch.rand(VOCAB.audio + 1, 2))
+    with pytest.raises(ValueError, match="modality"):
+        mdm.embed_codes(model, "video", codes)

@@ -208,5 +208,66 @@ def test_pair_rows_are_conditional_unconditional_or_joint(tmp_path: Path) -> Non
         assert not mask[:, : media.start].any(), "TASK and BOS_image are never picked"
     assert abs(given.any(1).float().mean() - 0.5) < 0.04 and abs(hidden.any(1).float().mean() - 0.1) < 0.02
     assert abs(given[:, media].all(1).float().mean() - 0.25) < 0.03, "media and text equally often"
+    # p_media: conditional rows show the media (captioning) that often; unconditional rows stay 1/2
+    given, hidden = train.segment_roles(batch, layout, 0.5, 0.1, torch.Generator().manual_seed(1), p_media=0.8)
+    assert abs(given[:, media].all(1).float().mean() - 0.4) < 0.03
+    assert abs(given[:, text].all(1).float().mean() - 0.1) < 0.02
+    assert abs(hidden[:, media].all(1).float().mean() - 0.05) < 0.015
     with pytest.raises(SystemExit, match="summing to at most 1"):
         train.validate(train.TrainConfig(cond_keep=0.8, cond_drop=0.3), train.Dist(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("anti_masking", [False, True])
+def test_recognition_rows_condition_on_augmented_copies_and_nothing_else_changes(anti_masking: bool) -> None:
+    import data as data_lib
+
+    vocab = mdm.Vocab(text=30, audio=12, image=17)
+    layout = data_lib.Layout(vocab, 24, 4, 6)
+    media = layout.media_slot("audio_text")
+    n = 4000
+    ids = torch.stack([layout.pair_row("audio_text", torch.arange(6) % 12, torch.tensor([1, 2, 3]))] * n)
+    copies = torch.stack([layout.pair_row("audio_text", torch.full((6,), k), torch.tensor([1, 2, 3])) for k in (7, 9)])
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    batch = data_lib.Batch(ids, pad, torch.full((n,), 2), vocab.modality_of(ids), copies.expand(n, 2, -1))
+    cfg = train.TrainConfig(cond_keep=0.7, cond_drop=0.1, anti_masking=anti_masking)
+    c = train.corrupt_batch(batch, layout, cfg, step=0, seed=0)
+    assert len(c.x0) == (2 * n if anti_masking else n)  # anti-masking: each row and its complement
+    without = data_lib.Batch(batch.ids, batch.pad, batch.task, batch.modality)  # the same rows, no copies
+    plain = train.corrupt_batch(without, layout, cfg, step=0, seed=0)
+    changed = (c.x0 != plain.x0).any(1)
+    # given segments leave the loss (not maskable) and stay clean; hidden ones leave it as MASK
+    media_given = ~plain.maskable[:, media].any(1) & (plain.x_t[:, media] == plain.x0[:, media]).all(1)
+    # only rows whose media is given clean change, only in the media, and to one of the copies
+    assert not (changed & ~media_given).any()
+    assert torch.equal((c.x0 != plain.x0)[:, media].any(1), changed)
+    assert not (c.x0 != plain.x0)[:, : media.start].any() and not (c.x0 != plain.x0)[:, media.stop :].any()
+    picked = c.x0[changed][:, media.start]
+    assert set(picked.tolist()) == {int(vocab.to_global(torch.tensor(k), "audio")) for k in (7, 9)}
+    # the given media is clean and unsupervised; everything the row predicts is as before
+    assert torch.equal(c.masked, plain.masked) and torch.equal(c.weight, plain.weight)
+    assert torch.equal(c.x_t[changed][:, media], c.x0[changed][:, media])
+    frac = changed.float().sum() / media_given.float().sum()
+    assert abs(frac - 2 / 3) < 0.05, "the original and each of K = 2 copies equally often"
+
+
+def test_options_a_checkpoint_predates_take_the_values_its_run_used() -> None:
+    old = dict(vars(train.TrainConfig()))
+    for key in train.LEGACY_DEFAULTS:
+        del old[key]
+    cfg = train.config_from_checkpoint({"config": old})
+    assert cfg.audio_speeds == "" and cfg.speeds() == ()  # no speed copies: the run never had them
+    assert cfg.cond_media == 0.5 and cfg.code_init is False
+    assert train.config_from_checkpoint({"config": vars(train.TrainConfig())}) == train.TrainConfig()
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        ({"cond_media": 1.5}, "--cond_media is a probability"),
+        ({"audio_speeds": "0.9,fast"}, "comma-separated factors"),
+        ({"audio_speeds": "0.9,3"}, r"lie in \[0.5, 2\]"),
+    ],
+)
+def test_bad_conditioning_options_are_clear_errors(option: dict, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        train.validate(train.TrainConfig(**option), train.Dist(0, 1, 0, torch.device("cpu")))
