@@ -620,6 +620,9 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     return resample_poly(wave, rate_out // g, rate_in // g).astype(np.float32)
 
 
+SPEED_RANGE = (0.5, 2.0)  # the speed factors speed_perturb accepts
+
+
 def speed_perturb(wave: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
     """The clip played ``factor`` times faster: duration / factor, every frequency (pitch) x factor.
 
@@ -627,8 +630,8 @@ def speed_perturb(wave: np.ndarray, factor: float, sample_rate: int) -> np.ndarr
     recognition: read the samples as if recorded at factor x sample_rate and resample to
     sample_rate. Each factor gives every training clip a new (speaking rate, pitch) condition.
     """
-    if not 0.5 <= factor <= 2.0:
-        raise ValueError(f"speed factors must lie in [0.5, 2], got {factor}")
+    if not SPEED_RANGE[0] <= factor <= SPEED_RANGE[1]:
+        raise ValueError(f"speed factors must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}], got {factor}")
     return resample(wave, round(sample_rate * factor), sample_rate)
 
 
@@ -956,6 +959,11 @@ def tokenize_captions(tok: TextTokenizer, captions: list[str], limit: int, sourc
     return out
 
 
+def loses_sound(wave: np.ndarray, n_samples: int) -> bool:
+    """Whether cutting the clip to n_samples drops more than silence (anything above 1% of its peak)."""
+    return len(wave) > n_samples and bool(np.abs(wave[n_samples:]).max() > 0.01 * np.abs(wave).max())
+
+
 def encode_clips(codec, clips: list[np.ndarray]) -> Tensor:
     """Waveforms -> (N, tokens_per_clip) long audio ids, 64 clips at a time (bounded memory)."""
     chunks = [codec.encode_batch(clips[i : i + 64]) for i in range(0, len(clips), 64)]
@@ -1022,8 +1030,17 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
     # speed perturbation of the training clips only (val and test keep their original clips)
     train = pairs["audio_text"]["train"]
     if cfg.audio_speeds and len(train):
-        sr = codec.sample_rate
-        copies = [encode_clips(codec, [speed_perturb(w, f, sr) for w in train.raw]) for f in cfg.audio_speeds]
+        copies, cut = [], 0
+        for f in cfg.audio_speeds:
+            waves = [speed_perturb(w, f, codec.sample_rate) for w in train.raw]
+            cut += sum(loses_sound(w, codec.n_samples) for w in waves)
+            copies.append(encode_clips(codec, waves))
+        if cut:
+            warnings.warn(
+                f"{cut} speed-perturbed training clips run past the codec's {codec.n_samples} samples and lose "
+                "sound at their end; use factors nearer 1 (--audio_speeds) or shorter clips",
+                stacklevel=2,
+            )
         train.variants = torch.stack(copies, 1)  # (N, K, M)
     return TriModalData(layout, tok, pixels, codec, text, pairs)
 

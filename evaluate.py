@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -414,33 +414,41 @@ def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, 
 
 
 @torch.no_grad()
-def digit_probe(inf, pairs: data_lib.PairData, task: str, template: str = "{word}") -> float:
-    """What the model knows about the digit, without a sampler: one forward pass per example.
+def digit_probe(
+    inf, pairs: data_lib.PairData, task: str, template: str = "{word}", limit: int | None = None, chunk: int = 256
+) -> float:
+    """What the model knows about the digit, without a sampler: one network evaluation per example.
 
     The ten captions ``template.format(word=..., d=...)`` share a prefix and then differ at one
     position, where their ten tokens are distinct. The prefix is given, that position and all
     later text positions are masked, and the prediction is the argmax of the model's logits over
     the ten tokens there: accuracy against the label. Beside the sampled accuracy it separates
-    "the model does not know the digit" from "the sampler loses it".
+    "the model does not know the digit" from "the sampler loses it". ``limit``: the first examples
+    only, as ``media_to_text``; examples without a label are left out.
     """
     layout, vocab, tok = inf.layout, inf.layout.vocab, inf.text_tokenizer
     forms = [tok.encode(template.format(word=w, d=d)) for d, w in enumerate(data_lib.DIGIT_WORDS)]
     at = next((i for i in range(min(map(len, forms))) if len({f[i] for f in forms}) > 1), None)
     if at is None or len({f[at] for f in forms}) != 10:
         raise ValueError(f"the template {template!r} does not give ten distinct tokens where the digits differ")
-    known = pairs.labels >= 0
-    if not known.any():
+    labels = pairs.labels[:limit]
+    index = (labels >= 0).nonzero()[:, 0].tolist()
+    if not index:
         raise ValueError("none of these examples has a digit label")
     candidates = vocab.to_global(torch.tensor([f[at] for f in forms]), "text")  # (10,)
     at = layout.text_slot(task).start + at  # the probed position in the row
     prefix = torch.tensor(forms[0])
-    rows = torch.stack([layout.pair_row(task, pairs.media[i], prefix) for i in known.nonzero()[:, 0].tolist()])
-    rows[:, at:] = vocab.mask("text")
     device = next(inf.model.parameters(), torch.empty(0)).device
-    where = torch.zeros_like(rows, dtype=torch.bool)
-    where[:, at] = True
-    logits = inf.model(rows.to(device), where=where.to(device)).reshape(len(rows), -1)[:, candidates]  # (N, 10)
-    return float((logits.argmax(-1).cpu() == pairs.labels[known]).float().mean())
+    correct = 0
+    for lo in range(0, len(index), chunk):
+        ix = index[lo : lo + chunk]
+        rows = torch.stack([layout.pair_row(task, pairs.media[i], prefix) for i in ix])
+        rows[:, at:] = vocab.mask("text")
+        where = torch.zeros_like(rows, dtype=torch.bool)
+        where[:, at] = True
+        logits = inf.model(rows.to(device), where=where.to(device))[:, candidates]  # (n, 10): one position per row
+        correct += int((logits.argmax(-1).cpu() == labels[ix]).sum())
+    return correct / len(index)
 
 
 def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0, speech_judge: bool = True) -> dict:
@@ -535,7 +543,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     inf = train.load_for_inference(checkpoint)
-    data = data_lib.build_data(replace(inf.config.data_config(), audio_speeds=()))  # no training copies needed
+    data = data_lib.build_data(inf.config.data_config(copies=False))
     judges = fit_judges(data)
     test_img = data.pairs["image_text"]["test"]
     res: dict = {
@@ -571,7 +579,7 @@ def report(
         ("s2t", data.pairs["audio_text"]["test"], "audio_text", "{word}"),
     ):
         try:
-            res["digit_probe"][name] = digit_probe(inf, pairs, task, template)
+            res["digit_probe"][name] = digit_probe(inf, pairs, task, template, limit)
         except ValueError as e:  # a custom tokenizer or unlabelled data: the report says why, and goes on
             res["digit_probe"][name] = f"not measured: {e}"
             print(f"digit probe {name}: not measured: {e}", file=sys.stderr)

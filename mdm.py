@@ -804,6 +804,8 @@ def embed_codes(model: Denoiser, modality: str, codes: Tensor, generator: torch.
     from 0.18 to 0.40 across runs at that budget, README *Results*). train.py turns it on.
     codes: (|V_m|, k), one row per content token of the modality, in id order.
     """
+    if modality not in ("image", "audio"):
+        raise ValueError(f"embed_codes starts media embeddings (image, audio), not {modality!r}")
     n = model.vocab.content_size(modality)
     if codes.ndim != 2 or codes.shape[0] != n:
         raise ValueError(f"{modality} codes must have shape ({n}, k), one row per token; got {tuple(codes.shape)}")

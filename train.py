@@ -108,7 +108,7 @@ class TrainConfig:
     t_min: float = 1e-3
     cond_drop: float = 0.1  # probability of hiding one segment of a pair row (the unconditional branch, for guidance)
     cond_keep: float = 0.7  # probability of showing one segment of a pair row clean (the conditional tasks)
-    cond_media: float = 0.5  # of those, the share that shows the media and hides the text (captioning, recognition)
+    cond_media: float = 0.5  # of those, the share showing the media (captioning, recognition), not the text
     # run
     out_dir: str = "runs/tiny"
     seed: int = 0
@@ -123,7 +123,8 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps of this invocation (0 = run to the horizon)
     final_report: bool = True  # write samples of every task and a metrics report at the end
 
-    def data_config(self) -> data_lib.DataConfig:
+    def data_config(self, copies: bool = True) -> data_lib.DataConfig:
+        """The run's data; ``copies=False`` leaves out the speed-perturbed training clips (only training uses them)."""
         return data_lib.DataConfig(
             seq_len=self.seq_len,
             text_vocab=self.text_vocab,
@@ -134,19 +135,20 @@ class TrainConfig:
             strict=self.strict,
             image_levels=self.image_levels,
             image_patch=self.image_patch,
-            audio_speeds=self.speeds(),
+            audio_speeds=self.speeds() if copies else (),
             **({"audio_codec": self.audio_codec} if self.audio_codec else {}),
             seed=self.seed,
         )
 
     def speeds(self) -> tuple[float, ...]:
-        """--audio_speeds as factors, each in [0.5, 2] (data.speed_perturb)."""
+        """--audio_speeds as factors, each in data.SPEED_RANGE (data.speed_perturb)."""
         try:
             factors = tuple(float(f) for f in self.audio_speeds.split(",") if f.strip())
         except ValueError:
             raise SystemExit(f"--audio_speeds takes comma-separated factors, got {self.audio_speeds!r}") from None
-        if not all(0.5 <= f <= 2 for f in factors):
-            raise SystemExit(f"--audio_speeds: each factor must lie in [0.5, 2], got {self.audio_speeds!r}")
+        lo, hi = data_lib.SPEED_RANGE
+        if not all(lo <= f <= hi for f in factors):
+            raise SystemExit(f"--audio_speeds: each factor must lie in [{lo}, {hi}], got {self.audio_speeds!r}")
         return factors
 
     def model_config(self) -> mdm.ModelConfig:
@@ -827,12 +829,13 @@ def startup_report(
 ) -> str:
     accum = cfg.batch_size // (micro * d.world)
     unique = cfg.batch_size // 2 if cfg.anti_masking else cfg.batch_size
+    coded = list(data.code_vectors()) if cfg.code_init else []  # tokenizers that say what their codes are
     lines = [
         mdm.model_summary(model),
         f"data: |V| = {data.vocab.size}, L* = {data.layout.seq_len}, image {data.layout.image_len} tokens, "
         f"audio {data.layout.audio_len} tokens; mixing {cfg.ratios}"
         + (f"; recognition rows also hear the training clips at speeds {cfg.audio_speeds}" if cfg.speeds() else "")
-        + ("; media embeddings start from their codes" if cfg.code_init else ""),
+        + (f"; {' and '.join(coded)} embeddings started from their codes" if coded else ""),
         f"batch: {cfg.batch_size} rows/step ({unique} sequences{' x2 by anti-masking' if cfg.anti_masking else ''}) "
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "

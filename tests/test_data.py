@@ -450,38 +450,58 @@ def test_speed_perturbation_scales_pitch_and_duration() -> None:
         data.speed_perturb(wave, 3.0, sr)
 
 
-def test_only_training_clips_get_speed_perturbed_copies() -> None:
-    plain = data.build_data(data.DataConfig(audio_speeds=())).pairs["audio_text"]
-    aug = data.build_data(data.DataConfig(audio_speeds=(0.9, 1.1))).pairs["audio_text"]
+@pytest.fixture(scope="module")
+def speed_data() -> data.TriModalData:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the embedded clips fit the codec at every default speed
+        return data.build_data(data.DataConfig(audio_speeds=(0.8, 0.9, 1.1, 1.2)))
+
+
+def test_only_training_clips_get_speed_perturbed_copies(speed_data: data.TriModalData) -> None:
+    plain = data.build_data(data.DataConfig()).pairs["audio_text"]
+    aug = speed_data.pairs["audio_text"]
     for split in ("train", "val", "test"):  # the examples themselves are unchanged
         assert torch.equal(aug[split].media, plain[split].media)
         assert aug[split].captions == plain[split].captions
     assert aug["val"].variants is None and aug["test"].variants is None and plain["train"].variants is None
     n, m = plain["train"].media.shape
-    assert aug["train"].variants.shape == (n, 2, m)
-    for k in (0, 1):  # each copy is a different token sequence of the same clip
+    assert aug["train"].variants.shape == (n, 4, m)
+    for k in range(4):  # each copy is a different token sequence of the same clip
         assert (aug["train"].variants[:, k] != plain["train"].media).any(1).float().mean() > 0.9
+    for modality, codes in speed_data.code_vectors().items():  # one code per token (mdm.embed_codes)
+        assert codes.shape[0] == speed_data.vocab.content_size(modality)
 
 
-def test_batches_carry_each_rows_copies_and_the_same_rows_as_without() -> None:
-    aug = data.build_data(data.DataConfig(audio_speeds=(0.9, 1.1)))
+def test_a_copy_cut_short_is_told() -> None:
+    tone = np.sin(np.arange(1000) / 5).astype(np.float32)
+    assert not data.loses_sound(tone, 1000)
+    assert not data.loses_sound(np.concatenate([tone, np.zeros(500, np.float32)]), 1000)  # only silence is cut
+    assert data.loses_sound(np.concatenate([tone, tone]), 1000)
+
+
+def test_batches_carry_each_rows_copies_and_the_same_rows_as_without(speed_data: data.TriModalData) -> None:
+    aug = speed_data
     ratios = {"text": 0.3, "image_text": 0.3, "audio_text": 0.4}
     b = data.BatchIterator(aug, "train", 32, ratios, seed=3).batch(5)
-    assert b.variants.shape == (32, 2, aug.layout.seq_len)
+    assert b.variants.shape == (32, 4, aug.layout.seq_len)
+    assert torch.equal(b.rows(slice(3, 9)).variants, b.variants[3:9])  # micro-batches keep their rows' copies
     pairs, media = aug.pairs["audio_text"]["train"], aug.layout.media_slot("audio_text")
     audio = b.task == data.TASKS.index("audio_text")
     assert audio.any() and (~audio).any()
     for i in range(32):
         if not audio[i]:  # text and image rows have no copies: the row itself, K times
-            assert torch.equal(b.variants[i], b.ids[i].expand(2, -1))
+            assert torch.equal(b.variants[i], b.ids[i].expand(4, -1))
             continue
         v = aug.vocab
         local = v.to_local(b.ids[i, media], "audio")
         j = int(((pairs.media == local).all(1)).nonzero()[0])  # the example this row holds
-        for k in range(2):  # copy k: the same row with the example's k-th copy as its media
+        for k in range(4):  # copy k: the same row with the example's k-th copy as its media
             expect = b.ids[i].clone()
             expect[media] = v.to_global(pairs.variants[j, k], "audio")
             assert torch.equal(b.variants[i, k], expect)
     # the copies draw nothing from the batch generator: the rows are those of a run without them
-    aug.pairs["audio_text"]["train"].variants = None
-    assert torch.equal(data.BatchIterator(aug, "train", 32, ratios, seed=3).batch(5).ids, b.ids)
+    variants, pairs.variants = pairs.variants, None
+    try:
+        assert torch.equal(data.BatchIterator(aug, "train", 32, ratios, seed=3).batch(5).ids, b.ids)
+    finally:
+        pairs.variants = variants

@@ -160,8 +160,12 @@ def test_digit_probe_reads_the_models_digit(tiny_data, task: str, template: str)
     assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
     pairs.labels = (labels + 1) % 10  # the same model, every label wrong
     assert evaluate.digit_probe(inf, pairs, task, template) == 0.0
+    assert evaluate.digit_probe(inf, pairs, task, template, chunk=7) == 0.0  # chunks of rows: the same
     pairs.labels = torch.where(labels < 5, labels, -1)  # unlabelled examples are left out
-    assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
+    assert evaluate.digit_probe(inf, pairs, task, template, chunk=7) == 1.0
+    pairs.labels = torch.where(torch.arange(40) < 12, labels, (labels + 1) % 10)
+    assert evaluate.digit_probe(inf, pairs, task, template, limit=12) == 1.0  # the first 12 only
+    assert evaluate.digit_probe(inf, pairs, task, template, limit=24) == 0.5
     with pytest.raises(ValueError, match="ten distinct tokens"):
         evaluate.digit_probe(inf, pairs, task, "a digit")
     pairs.labels = torch.full((40,), -1)

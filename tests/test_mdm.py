@@ -607,5 +607,7 @@ def test_embed_codes_adds_a_linear_image_of_the_codes_to_one_block_only() -> Non
     assert torch.equal(delta[outside], torch.zeros_like(delta[outside]))
     with pytest.raises(ValueError, match="one row per token"):
         mdm.embed_codes(model, "audio", torch.rand(VOCAB.audio + 1, 2))
-    with pytest.raises(ValueError, match="modality"):
+    with pytest.raises(ValueError, match="media embeddings"):
         mdm.embed_codes(model, "video", codes)
+    with pytest.raises(ValueError, match="media embeddings"):
+        mdm.embed_codes(model, "text", torch.rand(VOCAB.text, 3))
