@@ -855,34 +855,42 @@ class BatchIterator:
 
     def batch(self, step: int) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        layout, ids, pads, tasks, variants = self.data.layout, [], [], [], []
-        splits = [p[self.split] for p in self.data.pairs.values()]
-        k = max((p.variants.shape[1] for p in splits if p.variants is not None), default=0)  # copies per row
+        layout, ids, pads, tasks, copies = self.data.layout, [], [], [], []
         for task, n in zip(TASKS, self.counts(g), strict=True):
             for _ in range(n):
                 if task == "text":
                     stream = self.data.text[self.split]
                     hi = max(1, len(stream) - (layout.seq_len - 1) + 1)
                     row, pad = layout.text_row(stream, int(torch.randint(hi, (), generator=g)))
-                    alternatives = [row] * k
                 else:
                     pairs = self.data.pairs[task][self.split]
                     i = int(torch.randint(len(pairs), (), generator=g))
                     options = pairs.captions[i]
                     caption = options[int(torch.randint(len(options), (), generator=g))]
-                    caption = torch.tensor(caption, dtype=torch.long)
-                    row = layout.pair_row(task, pairs.media[i], caption)
+                    row = layout.pair_row(task, pairs.media[i], torch.tensor(caption, dtype=torch.long))
                     pad = torch.zeros(layout.seq_len, dtype=torch.bool)
-                    copies = [] if pairs.variants is None else list(pairs.variants[i])
-                    alternatives = [layout.pair_row(task, m, caption) for m in copies] + [row] * (k - len(copies))
+                    if pairs.variants is not None:  # (row, task, its example's copies (K, M))
+                        copies.append((len(ids), task, pairs.variants[i]))
                 ids.append(row)
                 pads.append(pad)
                 tasks.append(TASKS.index(task))
-                variants += alternatives
         order = torch.randperm(self.batch_size, generator=g)
-        x = torch.stack(ids)[order]
-        alt = torch.stack(variants).view(self.batch_size, k, -1)[order] if k else None
+        x = torch.stack(ids)
+        alt = self.variants(x, copies)
+        alt = None if alt is None else alt[order]
+        x = x[order]
         return Batch(x, torch.stack(pads)[order], torch.tensor(tasks)[order], self.data.vocab.modality_of(x), alt)
+
+    def variants(self, x: Tensor, copies: list[tuple[int, str, Tensor]]) -> Tensor | None:
+        """(B, K, L): each row K times, with its media replaced by its example's K copies where it has them."""
+        if not copies:
+            return None
+        k = copies[0][2].shape[0]
+        alt = x.unsqueeze(1).repeat(1, k, 1)  # rows without copies: the row itself, K times
+        layout = self.data.layout
+        for r, task, media in copies:
+            alt[r, :, layout.media_slot(task)] = layout.vocab.to_global(media, MEDIA[task])
+        return alt
 
     def __iter__(self) -> BatchIterator:
         return self
