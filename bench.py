@@ -762,7 +762,7 @@ def sampling_model(opts: Options) -> tuple[nn.Module, data_lib.Layout, data_lib.
     device = opts.torch_device
     if opts.checkpoint:
         inf = train.load_for_inference(opts.checkpoint, device=str(device))
-        data = load_data(inf.config.data_config(copies=False))
+        data = load_data(inf.data_config)
         return inf.model, inf.layout, data, f"checkpoint {opts.checkpoint} (step {inf.step}, EMA weights)"
     data = load_data(data_lib.DataConfig())
     with torch.random.fork_rng():

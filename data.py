@@ -784,6 +784,7 @@ class TriModalData:
     audio_codec: object  # fsq.AudioCodec or an adapter with encode / decode / vocab_size
     text: dict[str, Tensor]  # split -> packed global-id stream
     pairs: dict[str, dict[str, PairData]]  # task -> split -> PairData
+    config: DataConfig | None = None  # what it was built from (``build_data``)
 
     @property
     def vocab(self) -> Vocab:
@@ -925,6 +926,7 @@ class DataConfig:
     image_dir: str | None = None  # a folder with images + captions.jsonl, replacing the digits
     audio_dir: str | None = None  # a folder with clips + transcripts, replacing the spoken digits
     audio_codec: str = str(ASSETS / "audio_codec.pt")
+    audio_codec_sha256: str = ""  # the codec's hash the caller vouches for (fsq.check_sha256); "" = none
     image_levels: int = 4  # gray levels per pixel token (17 = lossless digits)
     image_patch: int = 2  # pixels per image token side (1 = one token per pixel)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
@@ -984,7 +986,7 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
 
     tok = load_text_tokenizer(cfg)
     pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
-    codec = load_audio_codec(cfg.audio_codec)
+    codec = load_audio_codec(cfg.audio_codec, cfg.audio_codec_sha256)
     vocab = Vocab(text=tok.vocab_size, audio=codec.vocab_size, image=pixels.vocab_size)
     layout = Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
 
@@ -1050,7 +1052,7 @@ def build_data(cfg: DataConfig = DataConfig()) -> TriModalData:
                 stacklevel=2,
             )
         train.variants = torch.stack(copies, 1)  # (N, K, M)
-    return TriModalData(layout, tok, pixels, codec, text, pairs)
+    return TriModalData(layout, tok, pixels, codec, text, pairs, cfg)
 
 
 # ----------------------------------------------------------------------------------------------

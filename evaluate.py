@@ -543,7 +543,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     inf = train.load_for_inference(checkpoint)
-    data = data_lib.build_data(inf.config.data_config(copies=False))
+    data = data_lib.build_data(inf.data_config)
     judges = fit_judges(data)
     test_img = data.pairs["image_text"]["test"]
     res: dict = {

@@ -33,6 +33,7 @@ codec: train split 0.91 / 0.94 / 0.92, test split (unseen rate-pitch conditions)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -645,7 +646,7 @@ def load_images(spec: str, size: int) -> tuple[np.ndarray, np.ndarray | None, st
             raise FileNotFoundError(f"no .png/.jpg/.jpeg images under {path}")
         x = np.stack([np.asarray(Image.open(f).convert("L").resize((size, size))) for f in files])
     elif path.suffix == ".npz" and path.exists():
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
                 raise ValueError(f"{path} has keys {z.files}; expected 'images' (and optionally 'labels')")
             x, labels = z["images"], (z["labels"] if "labels" in z.files else None)
@@ -836,6 +837,36 @@ def checkpoint_kind(path: str | Path, what: str) -> str:
     raise ValueError(f"{path} is a zip file but neither a torch.save checkpoint nor a TorchScript archive")
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes ("" if there is no such file)."""
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+
+
+def check_sha256(path: str | Path, sha256: str, what: str) -> str:
+    """The file's kind ('torchscript' or 'checkpoint'), once it is safe to load.
+
+    ``sha256`` is the hash the caller vouches for: recorded in a checkpoint when a run used this file,
+    or computed by the caller from a path the user named on the command line; "" vouches for nothing.
+    A file whose hash differs is refused. A TorchScript archive is a program (loading it runs its
+    code), so it is loaded only when vouched for; a ``torch.save`` file is read with
+    ``weights_only=True`` (tensors and plain containers, no code) and needs no voucher.
+    """
+    kind = checkpoint_kind(path, what)
+    digest = file_sha256(path)
+    if sha256 and digest != sha256:
+        raise ValueError(
+            f"the {what} at {path} has sha256 {digest[:12]}..., not the {sha256[:12]}... recorded for it; "
+            "it is not the file this run was trained with"
+        )
+    if kind == "torchscript" and not sha256:
+        raise ValueError(
+            f"{path} is a TorchScript program, and nothing vouches for it: it is loaded only when you name it "
+            "yourself (--audio_codec) or when a checkpoint records its sha256"
+        )
+    return kind
+
+
 def _load_checkpoint(path: str | Path, expected: str) -> dict:
     checkpoint_kind(path, "tokenizer checkpoint")
     blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -845,17 +876,17 @@ def _load_checkpoint(path: str | Path, expected: str) -> dict:
     return blob
 
 
-def load_audio_codec(path: str | Path = DEFAULT_AUDIO_CODEC) -> AudioCodec | ScriptedAudioCodec:
+def load_audio_codec(path: str | Path = DEFAULT_AUDIO_CODEC, sha256: str = "") -> AudioCodec | ScriptedAudioCodec:
     """Our AudioCodec checkpoint or a TorchScript codec, by path; both give encode/decode/vocab_size/
-    tokens_per_clip/sample_rate/clip_seconds."""
-    if checkpoint_kind(path, "audio codec") == "torchscript":
+    tokens_per_clip/sample_rate/clip_seconds. ``sha256``: the hash the caller vouches for (``check_sha256``)."""
+    if check_sha256(path, sha256, "audio codec") == "torchscript":
         return ScriptedAudioCodec(_jit_load(path), source=str(path))
     return AudioCodec.load(path)
 
 
-def load_image_tokenizer(path: str | Path) -> ImageAutoencoder | ScriptedImageTokenizer:
-    """Our ImageAutoencoder checkpoint or a TorchScript image tokenizer, by path."""
-    if checkpoint_kind(path, "image tokenizer") == "torchscript":
+def load_image_tokenizer(path: str | Path, sha256: str = "") -> ImageAutoencoder | ScriptedImageTokenizer:
+    """Our ImageAutoencoder checkpoint or a TorchScript image tokenizer, by path (``sha256`` as above)."""
+    if check_sha256(path, sha256, "image tokenizer") == "torchscript":
         return ScriptedImageTokenizer(_jit_load(path), source=str(path))
     return ImageAutoencoder.load(path)
 

@@ -837,15 +837,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_checkpoint(path: str, device: str) -> object:
+    import train
+
     try:
-        import train
-    except ImportError as e:
-        _fail(f"cannot import train.py to load checkpoints ({e})")
-    load = getattr(train, "load_for_inference", None)
-    if load is None:
-        _fail("train.py has no load_for_inference(path, use_ema, device)")
-    try:
-        bundle = load(path, use_ema=True, device=device)
+        bundle = train.load_for_inference(path, use_ema=True, device=device)
     except (OSError, ValueError) as e:
         _fail(f"cannot load checkpoint {path}: {e}")
     model, layout = bundle.model, bundle.layout

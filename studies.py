@@ -428,7 +428,7 @@ def task_metric(
 def evaluate_checkpoint(ckpt: Path, size: Size, generation: bool, seed: int) -> dict:
     """Parameter counts, fixed-protocol NELBO and, if asked, the judged generations of one checkpoint."""
     inf = train.load_for_inference(ckpt)
-    cfg = inf.config.data_config(copies=False)
+    cfg = inf.data_config
     data = shared_data(cfg)
     out = {
         "params_total": inf.model.num_parameters(),
@@ -553,7 +553,7 @@ class Context:
                 continue
             if bundle is None:
                 inf = train.load_for_inference(checkpoint)
-                cfg = inf.config.data_config(copies=False)
+                cfg = inf.data_config
                 bundle = (inf, shared_data(cfg), shared_judges(cfg))
             t0 = time.perf_counter()
             rows = sample_lib.sweep(task_metric(task, *bundle, self.size, seed), grid, study_sampler(self.size, task))

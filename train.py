@@ -31,11 +31,14 @@ schedule and every optimizer setting come from ``sde_batch.plan`` (kappa = 1 unl
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -44,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 import data as data_lib
+import fsq
 import mdm
 import sde_batch
 
@@ -123,8 +127,11 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps of this invocation (0 = run to the horizon)
     final_report: bool = True  # write samples of every task and a metrics report at the end
 
-    def data_config(self, copies: bool = True) -> data_lib.DataConfig:
-        """The run's data; ``copies=False`` leaves out the speed-perturbed training clips (only training uses them)."""
+    def data_config(self, copies: bool = True, codec_sha256: str = "") -> data_lib.DataConfig:
+        """The run's data; ``copies=False`` leaves out the speed-perturbed training clips (only training uses them).
+
+        codec_sha256: the hash of the audio codec that the caller vouches for (``fsq.check_sha256``).
+        """
         return data_lib.DataConfig(
             seq_len=self.seq_len,
             text_vocab=self.text_vocab,
@@ -137,6 +144,7 @@ class TrainConfig:
             image_patch=self.image_patch,
             audio_speeds=self.speeds() if copies else (),
             **({"audio_codec": self.audio_codec} if self.audio_codec else {}),
+            audio_codec_sha256=codec_sha256,
             seed=self.seed,
         )
 
@@ -145,10 +153,10 @@ class TrainConfig:
         try:
             factors = tuple(float(f) for f in self.audio_speeds.split(",") if f.strip())
         except ValueError:
-            raise SystemExit(f"--audio_speeds takes comma-separated factors, got {self.audio_speeds!r}") from None
+            raise ValueError(f"--audio_speeds takes comma-separated factors, got {self.audio_speeds!r}") from None
         lo, hi = data_lib.SPEED_RANGE
         if not all(lo <= f <= hi for f in factors):
-            raise SystemExit(f"--audio_speeds: each factor must lie in [{lo}, {hi}], got {self.audio_speeds!r}")
+            raise ValueError(f"--audio_speeds: each factor must lie in [{lo}, {hi}], got {self.audio_speeds!r}")
         return factors
 
     def model_config(self) -> mdm.ModelConfig:
@@ -183,7 +191,7 @@ def parse_config(argv: list[str], base: TrainConfig | None = None) -> tuple[Trai
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise SystemExit(f"unexpected argument {arg!r}; options look like --key=value")
+            raise ValueError(f"unexpected argument {arg!r}; options look like --key=value")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -198,17 +206,17 @@ def parse_config(argv: list[str], base: TrainConfig | None = None) -> tuple[Trai
         if key == "config":
             path = Path(value)
             if not path.is_file():
-                raise SystemExit(f"config file {path} does not exist")
+                raise ValueError(f"config file {path} does not exist")
             try:
                 values.update(json.loads(path.read_text()))
             except json.JSONDecodeError as e:
-                raise SystemExit(f"config file {path} is not valid JSON: {e}") from None
+                raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     overrides = {k: v for k, v in pairs if k not in ("config", "resume")}
     values.update(overrides)
     out = {}
     for key, value in values.items():
         if key not in kinds:
-            raise SystemExit(f"unknown option --{key}; see the fields of TrainConfig in train.py")
+            raise ValueError(f"unknown option --{key}; see the fields of TrainConfig in train.py")
         out[key] = _convert(key, value, kinds[key])
     resume = dict(pairs).get("resume", "")
     cfg = replace(base or TrainConfig(), **out)
@@ -225,7 +233,7 @@ def _convert(key: str, value: object, kind: str) -> object:
             return value.lower() in ("true", "1", "yes")
         return {"int": lambda v: int(float(v)), "float": float, "str": str}[kind](value)
     except ValueError:
-        raise SystemExit(f"--{key}: cannot read {value!r} as {kind}") from None
+        raise ValueError(f"--{key}: cannot read {value!r} as {kind}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +258,7 @@ def setup_distributed(device: str) -> Dist:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device=cuda but no CUDA device is visible")
+        raise ValueError("--device=cuda but no CUDA device is visible")
     if "RANK" not in os.environ:
         return Dist(0, 1, 0, torch.device(device))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -263,9 +271,41 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, local, torch.device("cpu"))
 
 
+class Preemption:
+    """SIGTERM and SIGUSR1 ask the run to stop after the current step, with a checkpoint.
+
+    A cluster preempts a job by sending SIGTERM (Kubernetes, SLURM at the end of a time limit) or,
+    when asked to (``#SBATCH --signal=USR1@120``), SIGUSR1 a while before it kills it. The handler
+    only records the signal; the loop checks ``requested`` between steps, so the checkpoint it then
+    writes is an ordinary one of a finished step and ``--resume`` continues bit-identically. With
+    several processes the signal reaches them at different moments: ``requested`` takes the maximum
+    over processes, so all of them stop after the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def requested(self, d: Dist) -> bool:
+        flag = torch.tensor([0 if self.received is None else self.received], device=d.device)
+        if d.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.received = int(flag) or None
+        return bool(flag)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.dtype not in ("auto", "fp32", "bf16"):
-        raise SystemExit(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
+        raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
 
@@ -291,7 +331,7 @@ class NLL(nn.Module):
 
 def use_fsdp(cfg: TrainConfig, d: Dist) -> bool:
     if cfg.fsdp not in ("auto", "true", "false"):
-        raise SystemExit(f"--fsdp must be auto, true or false, got {cfg.fsdp!r}")
+        raise ValueError(f"--fsdp must be auto, true or false, got {cfg.fsdp!r}")
     return cfg.fsdp == "true" or (cfg.fsdp == "auto" and d.world > 1 and cfg.preset in ("large", "xl"))
 
 
@@ -649,7 +689,7 @@ def save_checkpoint(
         "model_config": asdict(model.cfg),
         "layout": data.layout.to_dict(),
         "text_tokenizer": data.text_tokenizer.to_text(),
-        "audio_codec_sha256": file_sha256(cfg.data_config().audio_codec),
+        "audio_codec_sha256": data.config.audio_codec_sha256,
         "step": step,
         "tokens": tokens,
         "data": it.state_dict(),
@@ -722,13 +762,6 @@ def gather_shards(path: str | Path, first: dict) -> dict:
     return {**first, "model": model, "ema": ema, "sharded": False}
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    p = Path(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
-
-
 @dataclass
 class Inference:
     """What sampling and evaluation need from a checkpoint."""
@@ -739,6 +772,7 @@ class Inference:
     image_tokenizer: data_lib.PixelTokenizer
     audio_codec: object
     config: TrainConfig
+    data_config: data_lib.DataConfig  # the run's data (held-out splits for evaluation), its codec vouched for
     step: int
 
 
@@ -751,10 +785,24 @@ def config_from_checkpoint(ckpt: dict) -> TrainConfig:
     return TrainConfig(**{**LEGACY_DEFAULTS, **ckpt["config"]})
 
 
-def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cpu") -> Inference:
-    """Rebuild the trained denoiser (EMA weights by default) with its layout and tokenizers."""
-    from fsq import load_audio_codec
+def codec_voucher(cfg: TrainConfig, recorded: str, named: bool) -> str:
+    """The audio codec hash to trust (``fsq.check_sha256``): the file's own if the user ``named`` its path for
+    this run, else the hash ``recorded`` in the checkpoint. A named codec must still be the recorded one."""
+    if not named:
+        return recorded
+    path = cfg.data_config().audio_codec
+    sha = fsq.file_sha256(path)
+    if recorded and sha != recorded:
+        raise ValueError(f"the audio codec at {path} is not the one this checkpoint was trained with")
+    return sha
 
+
+def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cpu", audio_codec: str = "") -> Inference:
+    """Rebuild the trained denoiser (EMA weights by default) with its layout and tokenizers.
+
+    The audio codec is the one the checkpoint names, vouched for by the sha256 it recorded, or the
+    file ``audio_codec`` if given (the user's own choice: a moved or renamed copy of the same codec).
+    """
     ckpt = read_checkpoint(path)
     if ckpt["sharded"]:
         ckpt = gather_shards(path, ckpt)
@@ -766,13 +814,15 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
         with torch.no_grad():
             for p, e in zip(model.parameters(), ckpt["ema"], strict=True):
                 p.copy_(e)
-    codec_path = cfg.data_config().audio_codec
-    if ckpt["audio_codec_sha256"] and file_sha256(codec_path) != ckpt["audio_codec_sha256"]:
-        raise ValueError(f"the audio codec at {codec_path} is not the one this checkpoint was trained with")
-    codec = load_audio_codec(codec_path)
+    if audio_codec:
+        cfg = replace(cfg, audio_codec=audio_codec)
+    data_config = cfg.data_config(
+        copies=False, codec_sha256=codec_voucher(cfg, ckpt["audio_codec_sha256"], bool(audio_codec))
+    )
+    codec = fsq.load_audio_codec(data_config.audio_codec, data_config.audio_codec_sha256)
     tok = data_lib.TextTokenizer.from_text(ckpt["text_tokenizer"], f"{path}:text_tokenizer")
     pixels = data_lib.PixelTokenizer(cfg.image_levels, cfg.image_patch)
-    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(ckpt["step"]))
+    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, data_config, int(ckpt["step"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -855,61 +905,81 @@ def startup_report(
 def validate(cfg: TrainConfig, d: Dist) -> int:
     """Check the batch arithmetic up front; return the micro-batch."""
     if not (0 <= cfg.cond_keep and 0 <= cfg.cond_drop and cfg.cond_keep + cfg.cond_drop <= 1):
-        raise SystemExit(
+        raise ValueError(
             f"--cond_keep and --cond_drop are probabilities summing to at most 1; got {cfg.cond_keep}, {cfg.cond_drop}"
         )
     if not 0 <= cfg.cond_media <= 1:
-        raise SystemExit(f"--cond_media is a probability; got {cfg.cond_media}")
+        raise ValueError(f"--cond_media is a probability; got {cfg.cond_media}")
     cfg.speeds()
     if cfg.anti_masking and cfg.batch_size % 2:
-        raise SystemExit(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
+        raise ValueError(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if cfg.batch_size % d.world:
-        raise SystemExit(f"--batch_size={cfg.batch_size} must be divisible by the number of processes ({d.world})")
+        raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the number of processes ({d.world})")
+    uses_bf16(cfg, d.device), use_fsdp(cfg, d)  # both check their option
     micro = cfg.micro_batch or cfg.batch_size // d.world
     if (cfg.batch_size // d.world) % micro:
-        raise SystemExit(
+        raise ValueError(
             f"each of the {d.world} process(es) has {cfg.batch_size // d.world} rows per step, "
             f"which --micro_batch={micro} does not divide"
         )
     return micro
 
 
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Expected errors (a bad option, an unreadable file, an impossible configuration) as one line, no traceback.
+
+    The functions that read options and files raise ValueError or FileNotFoundError with a message
+    that names the culprit; inside this block those become ``SystemExit`` ("train.py: error: ..."
+    on stderr, exit status 1). Errors anywhere else keep their traceback.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg, overrides = parse_config(argv)
-    resume = overrides.pop("resume")
-    ckpt = None
-    if resume:
-        ckpt = read_checkpoint(resume)
-        # the run's own config; --max_steps belongs to an invocation, not to the run
-        cfg = replace(config_from_checkpoint(ckpt), **{"max_steps": 0, **overrides})
-    if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden or given segments
-        cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0, audio_speeds="")
-    d = setup_distributed(cfg.device)
-    if ckpt is not None and ckpt["sharded"]:  # FSDP: every process resumes from its own shards
-        if ckpt["world"] != d.world:
-            raise ValueError(f"this sharded checkpoint was written by {ckpt['world']} processes; resume with as many")
-        ckpt = read_checkpoint(Path(resume) / f"rank{d.rank}.pt")
-    micro = validate(cfg, d)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    data = data_lib.build_data(cfg.data_config())
-    model = mdm.Denoiser(cfg.model_config(), data.vocab)
-    if cfg.code_init and ckpt is None:  # media embeddings start from their tokens' codes (same on every rank)
-        g = torch.Generator().manual_seed(cfg.seed)
-        for m, codes in data.code_vectors().items():
-            mdm.embed_codes(model, m, torch.from_numpy(codes), g)
-    model = model.to(d.device)
-    unique = cfg.batch_size // 2 if cfg.anti_masking else cfg.batch_size
-    reference = sde_batch.Reference(
-        batch=cfg.base_batch or cfg.batch_size,
-        tokens=cfg.base_tokens or cfg.tokens,
-        settings=cfg.optim_settings(),
-        gamma=cfg.gamma,
-    )
-    plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, cfg.seq_len, cfg.min_steps)
+    with user_errors():  # the options and files of the run: a bad one ends it with one line
+        argv = sys.argv[1:] if argv is None else argv
+        cfg, overrides = parse_config(argv)
+        resume = overrides.pop("resume")
+        ckpt = None
+        if resume:
+            ckpt = read_checkpoint(resume)
+            # the run's own config; --max_steps belongs to an invocation, not to the run
+            cfg = replace(config_from_checkpoint(ckpt), **{"max_steps": 0, **overrides})
+        if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no hidden or given segments
+            cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0, audio_speeds="")
+        d = setup_distributed(cfg.device)
+        if ckpt is not None and ckpt["sharded"]:  # FSDP: every process resumes from its own shards
+            if ckpt["world"] != d.world:
+                raise ValueError(
+                    f"this sharded checkpoint was written by {ckpt['world']} processes; resume with as many"
+                )
+            ckpt = read_checkpoint(Path(resume) / f"rank{d.rank}.pt")
+        micro = validate(cfg, d)
+        torch.manual_seed(cfg.seed)
+        out = Path(cfg.out_dir)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+        recorded = ckpt["audio_codec_sha256"] if ckpt is not None else ""
+        named = ckpt is None or "audio_codec" in overrides  # a fresh run's config names its codec itself
+        data = data_lib.build_data(cfg.data_config(codec_sha256=codec_voucher(cfg, recorded, named)))
+        model = mdm.Denoiser(cfg.model_config(), data.vocab)
+        if cfg.code_init and ckpt is None:  # media embeddings start from their tokens' codes (same on every rank)
+            g = torch.Generator().manual_seed(cfg.seed)
+            for m, codes in data.code_vectors().items():
+                mdm.embed_codes(model, m, torch.from_numpy(codes), g)
+        model = model.to(d.device)
+        unique = cfg.batch_size // 2 if cfg.anti_masking else cfg.batch_size
+        reference = sde_batch.Reference(
+            batch=cfg.base_batch or cfg.batch_size,
+            tokens=cfg.base_tokens or cfg.tokens,
+            settings=cfg.optim_settings(),
+            gamma=cfg.gamma,
+        )
+        plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, cfg.seq_len, cfg.min_steps)
     fsdp = use_fsdp(cfg, d)
     net = wrap(model, cfg, d)
     opt = make_optimizer(model, cfg, plan.settings, d.device)
@@ -933,17 +1003,19 @@ def main(argv: list[str] | None = None) -> dict:
     last_val: dict[str, float] = {}
     if step == 0 and cfg.eval_every:
         last_val = run_eval(net, model, ema, data, cfg, d, step, tokens, metrics, out)  # the untrained baseline
+    preempt, stopped_by, failure = Preemption(), None, None
     while step < stop:
         batch = it.batch(step)
         it.step = step + 1
         c = corrupt_batch(batch, data.layout, cfg, step, cfg.seed)
         lr = plan.lr_for_step(step)
         r = train_step(net, model, opt, c, cfg, d, micro, lr)
-        if not math.isfinite(r.loss):
-            raise SystemExit(
+        if not math.isfinite(r.loss):  # the same on every process (the loss is all-reduced)
+            failure = (
                 f"non-finite loss ({r.loss}) at step {step}; the last good checkpoint is {last_good}. "
                 "Resume from it with a lower --lr (or check the data of this step)."
             )
+            break
         ema.update(model, step)
         step += 1
         tokens += plan.tokens_per_step
@@ -973,11 +1045,18 @@ def main(argv: list[str] | None = None) -> dict:
             run_counts.zero_()
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == plan.steps:
             last_val = run_eval(net, model, ema, data, cfg, d, step, tokens, metrics, out)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop:
+        if preempt.requested(d):
+            stopped_by = signal.Signals(preempt.received).name
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop or stopped_by:
             save_checkpoint(ckpt_path, cfg, model, opt, ema, it, step, tokens, data, d, fsdp)
             last_good = f"{ckpt_path} (step {step})"
+        if stopped_by:
+            break
+    preempt.restore()
     if d.main:
         bar.close()
+        if stopped_by:
+            print(f"{stopped_by}: stopped after step {step}, wrote {ckpt_path}; continue with --resume={ckpt_path}")
         seconds = time.perf_counter() - t0
         rate = (tokens - tokens0) / max(seconds, 1e-9)
         print(f"trained {step} steps, {tokens:,} tokens in {seconds / 60:.1f} min ({rate:,.0f} tokens/s)")
@@ -986,11 +1065,30 @@ def main(argv: list[str] | None = None) -> dict:
                 "validation NELBO (bits per data token): "
                 + ", ".join(f"{m} {v / math.log(2):.3f}" for m, v in last_val.items())
             )
-    if d.world > 1:
-        dist.destroy_process_group()
-    if d.main and step == plan.steps and cfg.final_report:
+    del net, model, opt, ema  # what holds the process group: DDP's reducer, FSDP's sharded tensors
+    teardown(d)
+    if failure:
+        raise SystemExit(failure)
+    if d.main and step == plan.steps and cfg.final_report and not stopped_by:
         write_final_report(ckpt_path, out)
-    return {"step": step, "tokens": tokens, "val": last_val}
+    return {"step": step, "tokens": tokens, "val": last_val, "preempted": stopped_by}
+
+
+def teardown(d: Dist) -> None:
+    """End a distributed run: free the process group on every process while all of them are still alive.
+
+    ``dist.destroy_process_group`` only forgets the group; the group itself (gloo's connections and
+    worker threads) is freed when the last object holding it goes, and the DDP wrapper and FSDP's
+    sharded tensors hold it. Left to the interpreter's exit, that happens while the interpreter is
+    shutting down, and a process that gets there while another one is still using its end of the
+    connections (rank 0 still plotting and writing the checkpoint) can abort with "terminate called
+    without an active exception". So the caller drops those objects first, and here the garbage
+    collector frees them, a barrier waits for every process, and the group is destroyed.
+    """
+    if d.world > 1:
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_eval(net, model, ema, data, cfg, d, step, tokens, metrics, out) -> dict[str, float]:
@@ -1015,14 +1113,13 @@ def _progress(d: Dist, total: int, initial: int):
 
 
 def write_final_report(ckpt_path: Path, out: Path) -> None:
-    """Samples of every task and a metrics report, once sample.py and evaluate.py can make them."""
-    try:
-        import evaluate
-    except ImportError:
-        return
-    if hasattr(evaluate, "final_report"):
-        evaluate.final_report(ckpt_path, out)
+    """Samples of every task and a metrics report (evaluate.py)."""
+    import evaluate  # imported here: evaluate imports sample, and training needs neither
+
+    evaluate.final_report(ckpt_path, out)
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    if result["preempted"]:  # the conventional status of a process ended by that signal
+        sys.exit(128 + signal.Signals[result["preempted"]].value)

@@ -156,7 +156,9 @@ def test_digit_probe_reads_the_models_digit(tiny_data, task: str, template: str)
     media[:, 0] = labels
     pairs = data_lib.PairData(media, [[[1]]] * 40, labels)
     oracle = _DigitOracle(layout, tokens, task, forms[0], at)
-    inf = train.Inference(oracle, layout, tok, tiny_data.image_tokenizer, tiny_data.audio_codec, train.TrainConfig(), 0)
+    inf = train.Inference(
+        oracle, layout, tok, tiny_data.image_tokenizer, tiny_data.audio_codec, train.TrainConfig(), tiny_data.config, 0
+    )
     assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
     pairs.labels = (labels + 1) % 10  # the same model, every label wrong
     assert evaluate.digit_probe(inf, pairs, task, template) == 0.0

@@ -159,7 +159,7 @@ def test_adapters_explain_a_wrong_format(tmp_path):
 def test_torchscript_export_of_our_codec_loads_through_the_adapter(codec, spoken, tmp_path):
     waves, _ = spoken
     fsq.export_torchscript(codec, tmp_path / "codec.ts")
-    scripted = fsq.load_audio_codec(tmp_path / "codec.ts")
+    scripted = fsq.load_audio_codec(tmp_path / "codec.ts", fsq.file_sha256(tmp_path / "codec.ts"))  # vouched for
     assert isinstance(scripted, fsq.ScriptedAudioCodec)
     assert (scripted.vocab_size, scripted.tokens_per_clip) == (codec.vocab_size, codec.tokens_per_clip)
     assert (scripted.sample_rate, scripted.clip_seconds) == (codec.sample_rate, codec.clip_seconds)
@@ -168,12 +168,34 @@ def test_torchscript_export_of_our_codec_loads_through_the_adapter(codec, spoken
     assert np.allclose(scripted.decode(ids[0]), codec.decode(ids[0]), atol=1e-4)
 
 
+def test_a_torchscript_file_nobody_vouches_for_is_never_run(codec, tmp_path, monkeypatch):
+    fsq.export_torchscript(codec, tmp_path / "codec.ts")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran on an unvouched file")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    with pytest.raises(ValueError, match="TorchScript program, and nothing vouches for it"):
+        fsq.load_audio_codec(tmp_path / "codec.ts")
+    with pytest.raises(ValueError, match="not the file this run was trained with"):
+        fsq.load_audio_codec(tmp_path / "codec.ts", "0" * 64)
+    with pytest.raises(ValueError, match="not the file this run was trained with"):  # a weights-only file too
+        fsq.load_audio_codec(ROOT / "assets" / "audio_codec.pt", "0" * 64)
+
+
+def test_user_image_arrays_are_read_without_pickles(tmp_path):
+    evil = tmp_path / "images.npz"
+    np.savez(evil, images=np.array([object()], dtype=object))  # an object array is stored as a pickle
+    with pytest.raises(ValueError, match="allow_pickle"):
+        fsq.load_images(str(evil), 8)
+
+
 def test_torchscript_module_without_the_contract_is_rejected(tmp_path):
     with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "lin.ts"))
     with pytest.raises(ValueError, match="lacks encode, decode"):
-        fsq.load_audio_codec(tmp_path / "lin.ts")
+        fsq.load_audio_codec(tmp_path / "lin.ts", fsq.file_sha256(tmp_path / "lin.ts"))
 
 
 def test_image_autoencoder_round_trips_and_exports(tmp_path):
@@ -186,7 +208,7 @@ def test_image_autoencoder_round_trips_and_exports(tmp_path):
     model.save(tmp_path / "ae.pt")
     assert np.array_equal(fsq.load_image_tokenizer(tmp_path / "ae.pt").encode(images), ids)
     fsq.export_torchscript(model, tmp_path / "ae.ts")
-    scripted = fsq.load_image_tokenizer(tmp_path / "ae.ts")
+    scripted = fsq.load_image_tokenizer(tmp_path / "ae.ts", fsq.file_sha256(tmp_path / "ae.ts"))
     assert isinstance(scripted, fsq.ScriptedImageTokenizer)
     assert np.array_equal(scripted.encode(images), ids)
     assert np.allclose(scripted.decode(ids), model.decode(ids), atol=1e-5)

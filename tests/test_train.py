@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
     blob = ckpt.read_bytes()
     ckpt.write_bytes(blob[: len(blob) // 2])
     before = (out / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
         train.main([f"--resume={ckpt}"])
     assert (out / "metrics.jsonl").read_text() == before, "nothing was restarted"
     ckpt.write_text("not a checkpoint at all")
@@ -73,7 +75,7 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
     torch.save({"hello": torch.zeros(1)}, ckpt)
     with pytest.raises(ValueError, match="not a trimodal-mdm checkpoint"):
         train.read_checkpoint(ckpt)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([f"--resume={tmp_path / 'missing.pt'}"])
 
 
@@ -96,9 +98,50 @@ def test_short_run_lowers_validation_nelbo_of_every_modality(tmp_path: Path) -> 
     assert (out / "loss.png").stat().st_size > 1000
 
 
-def torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+# Loaded by every process of a torchrun run through PYTHONPATH: it turns off the cyclic garbage collector, so an
+# object in a reference cycle lives until something collects it explicitly (or the interpreter's exit frees it, the
+# condition under which gloo aborts with "terminate called without an active exception" while another process still
+# runs), delays rank 0 before it tears the process group down, and writes at exit how many DDP / FSDP wrappers are
+# still alive in this process.
+WATCH_TEARDOWN = """
+import atexit, gc, json, os, sys, time
+gc.disable()
+rank = os.environ.get("RANK")
+
+def _report():
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+    alive = sum(isinstance(o, (DistributedDataParallel, FSDPModule)) for o in gc.get_objects())
+    with open(os.path.join(os.environ["WATCH_DIR"], f"rank{rank}.json"), "w") as f:
+        json.dump({"wrappers_alive_at_exit": alive}, f)
+
+if rank is not None:
+    atexit.register(_report)
+    import torch.distributed as dist
+    real = dist.destroy_process_group
+    def late(*args, **kwargs):
+        if rank == "0":
+            time.sleep(1.0)  # rank 0 reaches the teardown a second after rank 1
+        return real(*args, **kwargs)
+    dist.destroy_process_group = late
+"""
+
+
+def torchrun(args: list[str], env: dict, watch: Path | None = None) -> subprocess.CompletedProcess:
+    """Two CPU processes under torchrun; with ``watch``, instrumented by WATCH_TEARDOWN (reports land there)."""
+    if watch is not None:
+        watch.mkdir(parents=True, exist_ok=True)
+        (watch / "sitecustomize.py").write_text(WATCH_TEARDOWN)
+        env = {**env, "PYTHONPATH": f"{watch}{os.pathsep}{env.get('PYTHONPATH', '')}", "WATCH_DIR": str(watch)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True)
+
+
+def assert_teardown_freed_the_wrappers(watch: Path) -> None:
+    """Every process freed its DDP / FSDP wrappers before exit, so no process group dies with the interpreter."""
+    for rank in (0, 1):
+        report = json.loads((watch / f"rank{rank}.json").read_text())
+        assert report["wrappers_alive_at_exit"] == 0, (rank, report)
 
 
 def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
@@ -109,8 +152,9 @@ def test_two_ddp_processes_match_one_process(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={one}"], check=True, env=env, capture_output=True
     )
-    done = torchrun([*args, f"--out_dir={two}"], env)
+    done = torchrun([*args, f"--out_dir={two}"], env, watch=tmp_path / "watch")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_teardown_freed_the_wrappers(tmp_path / "watch")
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
@@ -129,8 +173,9 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_p
     done = torchrun([*args, "--fsdp=true", f"--out_dir={two}", "--max_steps=2"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["rank0.pt", "rank1.pt"]
-    done = torchrun([f"--resume={two / 'ckpt'}"], env)
+    done = torchrun([f"--resume={two / 'ckpt'}"], env, watch=tmp_path / "watch")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert_teardown_freed_the_wrappers(tmp_path / "watch")
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
@@ -167,14 +212,14 @@ def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
     path.write_text(json.dumps({"lr": 5e-4, "seq_len": 128}))
     cfg, _ = train.parse_config([f"--config={path}", "--seq_len=64"])
     assert cfg.lr == 5e-4 and cfg.seq_len == 64, "the command line wins over the file"
-    with pytest.raises(SystemExit, match="unknown option --lrr"):
+    with pytest.raises(ValueError, match="unknown option --lrr"):
         train.parse_config(["--lrr=1"])
-    with pytest.raises(SystemExit, match="cannot read 'abc' as float"):
+    with pytest.raises(ValueError, match="cannot read 'abc' as float"):
         train.parse_config(["--lr=abc"])
     d = train.Dist(0, 2, 0, torch.device("cpu"))
-    with pytest.raises(SystemExit, match="must be even"):
+    with pytest.raises(ValueError, match="must be even"):
         train.validate(train.TrainConfig(batch_size=7), d)
-    with pytest.raises(SystemExit, match="does not divide"):
+    with pytest.raises(ValueError, match="does not divide"):
         train.validate(train.TrainConfig(batch_size=16, micro_batch=3), d)
     with pytest.raises(ValueError, match="unknown preset"):
         train.TrainConfig(preset="huge").model_config()
@@ -213,7 +258,7 @@ def test_pair_rows_are_conditional_unconditional_or_joint(tmp_path: Path) -> Non
     assert abs(given[:, media].all(1).float().mean() - 0.4) < 0.03
     assert abs(given[:, text].all(1).float().mean() - 0.1) < 0.02
     assert abs(hidden[:, media].all(1).float().mean() - 0.05) < 0.015
-    with pytest.raises(SystemExit, match="summing to at most 1"):
+    with pytest.raises(ValueError, match="summing to at most 1"):
         train.validate(train.TrainConfig(cond_keep=0.8, cond_drop=0.3), train.Dist(0, 1, 0, torch.device("cpu")))
 
 
@@ -269,7 +314,7 @@ def test_options_a_checkpoint_predates_take_the_values_its_run_used() -> None:
     ],
 )
 def test_bad_conditioning_options_are_clear_errors(option: dict, message: str) -> None:
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         train.validate(train.TrainConfig(**option), train.Dist(0, 1, 0, torch.device("cpu")))
 
 
@@ -290,3 +335,116 @@ def test_media_embeddings_start_from_codes_on_a_fresh_run_only(tmp_path: Path, m
     assert sorted(calls) == ["audio", "image"]
     train.main([*SMALL, f"--tokens={4 * STEP_TOKENS}", f"--out_dir={tmp_path / 'off'}", "--code_init=false"])
     assert sorted(calls) == ["audio", "image"]
+
+
+def expected_error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """Each case: the command-line options and a fragment of the one line train.py must print."""
+    bad = tmp / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
+    truncated = tmp / "truncated.pt"
+    torch.save({"format": train.CKPT_FORMAT, "weights": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    return {
+        "strict_bad_file": ([f"--text_files={bad}", "--strict=true"], "not UTF-8 text"),
+        "truncated_resume": ([f"--resume={truncated}"], "truncated or corrupt"),
+        "horizon_shorter_than_warmup": (["--tokens=3e5"], "must be shorter than the horizon"),
+        "unknown_option": (["--learning_rate=1"], "unknown option --learning_rate"),
+        "bad_value": (["--lr=fast"], "cannot read 'fast' as float"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["strict_bad_file", "truncated_resume", "horizon_shorter_than_warmup", "unknown_option", "bad_value"]
+)
+def test_expected_errors_end_in_one_line_without_a_traceback(tmp_path: Path, case: str) -> None:
+    args, fragment = expected_error_cases(tmp_path)[case]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'run'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and fragment in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_preempted_run_checkpoints_and_resumes_bit_identically(tmp_path: Path, sig: signal.Signals) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*SMALL, f"--tokens={2000 * STEP_TOKENS}", "--eval_every=0", "--ckpt_every=0"]
+    script = [sys.executable, str(ROOT / "train.py")]
+    cut = tmp_path / "cut"
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([*script, *args, f"--out_dir={cut}"], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    metrics, deadline = cut / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):  # three finished steps logged
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    log.close()
+    assert proc.returncode == 128 + sig, (tmp_path / "stderr.txt").read_text()[-2000:]
+    stopped = train.read_checkpoint(cut / "ckpt.pt")["step"]
+    assert stopped >= 3 and max(losses(cut)) == stopped, "the checkpoint is of the last finished step"
+    subprocess.run([*script, f"--resume={cut / 'ckpt.pt'}", "--max_steps=4"], env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(
+        [*script, *args, f"--out_dir={whole}", f"--max_steps={stopped + 4}"], env=env, check=True, capture_output=True
+    )
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, stopped + 5))
+    assert all(a[k] == b[k] for k in a), "bit-identical losses after the resume"
+
+
+def test_loading_runs_no_code_that_nothing_vouches_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsq
+
+    ts = tmp_path / "codec.ts"
+    fsq.export_torchscript(fsq.load_audio_codec(), ts)
+    out = tmp_path / "run"  # a run that names a TorchScript codec itself: its hash is recorded
+    train.main([*SMALL, f"--tokens={5 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0", f"--audio_codec={ts}"])
+    ckpt = train.read_checkpoint(out / "ckpt.pt")
+    assert ckpt["audio_codec_sha256"] == fsq.file_sha256(ts)
+    assert isinstance(train.load_for_inference(out / "ckpt.pt").audio_codec, fsq.ScriptedAudioCodec)
+
+    jit_loads: list[str] = []
+    real = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda path, *a, **k: jit_loads.append(str(path)) or real(path, *a, **k))
+    unvouched = tmp_path / "unvouched.pt"
+    torch.save({**ckpt, "audio_codec_sha256": ""}, unvouched)
+    with pytest.raises(ValueError, match="nothing vouches for it"):
+        train.load_for_inference(unvouched)
+    swapped = tmp_path / "swapped.pt"
+    torch.save({**ckpt, "audio_codec_sha256": "0" * 64}, swapped)
+    with pytest.raises(ValueError, match="not the file this run was trained with"):
+        train.load_for_inference(swapped)
+    assert jit_loads == [], "no TorchScript file was loaded"
+    # the user names the codec: it is theirs to trust
+    assert isinstance(train.load_for_inference(unvouched, audio_codec=str(ts)).audio_codec, fsq.ScriptedAudioCodec)
+    assert jit_loads == [str(ts)]
+    # resuming names nothing new: the recorded hash must match, and a codec named on the command line must be it
+    other = tmp_path / "other.ts"
+    other.write_bytes(ts.read_bytes() + b"\0")
+    with pytest.raises(SystemExit, match="not the one this checkpoint was trained with"):
+        train.main([f"--resume={out / 'ckpt.pt'}", f"--audio_codec={other}"])
+
+
+class Payload:
+    """An object whose unpickling would run code: a checkpoint must never unpickle it."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["PAYLOAD_MARK"]),))
+
+
+def test_a_checkpoint_with_a_pickled_program_is_refused_unrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": train.CKPT_FORMAT, "step": Payload()}, evil)
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        train.read_checkpoint(evil)
+    assert not mark.exists(), "the payload did not run"
