@@ -1,35 +1,38 @@
-"""The core of a tri-modal masked diffusion model (MDM), after Bethune et al. (arXiv 2602.21472, 2026).
+"""The math of a tri-modal masked diffusion model (MDM), after Bethune et al. (arXiv 2602.21472, 2026).
 
-This file holds every piece of the model's math and nothing else, in the order a reader needs it:
+Masked diffusion learns a distribution over token sequences by learning to undo a simple
+corruption: each token of a clean row x_0 is replaced by a MASK token with probability beta_t, and
+a network is trained to predict the original tokens at the masked positions. Generating runs the
+corruption backwards, from an all-MASK row to a clean one. This file holds every equation of that,
+in the order a reader needs it:
 
 1. ``Vocab``      the shared token space V = V_text ⊔ V_audio ⊔ V_image plus special tokens.
 2. ``Schedule``   noise schedules beta(t) with beta'(t) and the ELBO weight w(t) = beta'(t)/beta(t).
 3. forward process: ``sample_times``, ``mask_positions``, ``apply_mask``, ``corrupt`` (x_0 -> x_t),
-   with stratified t and anti-masking.
+   with stratified t and anti-masking; conditional and unconditional rows.
 4. loss:          ``nelbo`` (the unbiased Monte-Carlo NELBO) and ``exact_nelbo`` (the same quantity
-   by exact enumeration, for tiny problems: tests and notebook 3 use it).
-5. ``Denoiser``   a bidirectional pre-norm transformer p_theta(x_0 | x_t) with size presets.
+   by exact enumeration, for tiny problems: tests and notebook 03 use it).
 
-``data.py`` turns real text, images and audio into sequences over ``Vocab``; ``train.py`` minimises
-``nelbo`` of a ``Denoiser``; ``sample.py`` runs the reverse process with the same ``Schedule`` and
-``Denoiser``; ``evaluate.py`` reports ``nelbo`` in bits.
+``model.py`` is the network p_theta(x_0 | x_t); ``data.py`` turns text, images and audio into rows
+over ``Vocab``; ``train.py`` minimises ``nelbo``; ``sample.py`` runs the reverse process with the
+same ``Schedule``; ``evaluate.py`` reports ``nelbo`` in bits.
 
-Notation (the paper's): x_0 clean tokens, x_t the sequence at noise level t in [0, 1], beta_t the
-probability that a position is masked at time t, I_t the set of masked non-pad positions, MASK_m the
-mask token of modality m, w(t) = beta'(t)/beta(t) the ELBO weight, N(x) the number of positions of x
-that the forward process acts on ("data positions": all but padding and the task token).
+Notation (that of MDLM and MD4, with beta = 1 - alpha): x_0 clean tokens, x_t the row at noise
+level t in [0, 1], beta_t the probability that a position is masked at time t, I_t the set of
+masked data positions, MASK_m the mask token of modality m, w(t) = beta'(t)/beta(t) the ELBO
+weight, N(x) the number of positions of x that the forward process acts on ("data positions": all
+but padding and the task token). What this project takes from the paper comes from its abstract
+and a published summary of it (the sources are named where each fact is used).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 # ----------------------------------------------------------------------------------------------
@@ -231,9 +234,11 @@ class Schedule:
     * poly (p>0): beta(t) = t^p,              beta'(t) = p t^(p-1),             w(t) = p/t
 
     w(t) = beta'(t)/beta(t) is the ELBO weight of the masked cross-entropy (``nelbo``). For the
-    cosine schedule sin(x)/(1 - cos(x)) = cot(x/2) gives the stable form above. The paper found a
-    polynomial schedule best for generation; the continuous-time NELBO itself does not depend on
-    the schedule (substitute b = beta(t): integral of w(t) F(beta(t)) dt = integral of F(b)/b db).
+    cosine schedule sin(x)/(1 - cos(x)) = cot(x/2) gives the stable form above. The paper's
+    published summary reports a polynomial schedule as the best for generation quality. The
+    continuous-time NELBO of a fixed denoiser does not depend on the schedule (substitute
+    b = beta(t): integral of w(t) F(beta(t)) dt = integral of F(b)/b db); the variance of its
+    estimator does, and so does training.
     """
 
     kind: str = "linear"
@@ -297,9 +302,12 @@ def sample_times(
 ) -> Tensor:
     """n noise levels t ~ U[t_min, 1 - t_min] (float64).
 
-    stratified: one shared offset u and t_i = lo + (hi - lo)(i + u)/n (the "low-discrepancy" or
-    antithetic sampler of MDLM/MD4): the t's cover [lo, hi] evenly, which lowers the variance of a
-    batch's loss, and each t_i is still marginally uniform, so the estimator stays unbiased.
+    stratified: one shared offset u and the n points lo + (hi - lo)(j + u)/n, j = 0 .. n-1 (the
+    "low-discrepancy" sampler of MDLM/MD4), dealt to the rows in a random order. The t's cover
+    [lo, hi] evenly, which lowers the variance of a batch's loss; the random order makes each row's
+    t marginally uniform (its stratum j is uniform, its offset u too), so every row's estimate is
+    unbiased on its own, not only the batch mean (in stratum order, row i's t would always fall
+    in the i-th n-th of the window).
 
     Why clip at t_min: with w(t) ~ 1/t a single-token mask at small t is rare but weighted ~1/t, so
     the estimator's variance diverges logarithmically as t -> 0; the anti-masked copy has the same
@@ -311,7 +319,8 @@ def sample_times(
     if not 0 <= t_min < 0.5:
         raise ValueError(f"t_min must lie in [0, 0.5), got {t_min}")
     if stratified:
-        u = (torch.arange(n, dtype=torch.float64) + torch.rand((), generator=generator, dtype=torch.float64)) / n
+        strata = torch.randperm(n, generator=generator).double()
+        u = (strata + torch.rand((), generator=generator, dtype=torch.float64)) / n
     else:
         u = torch.rand(n, generator=generator, dtype=torch.float64)
     return t_min + (1 - 2 * t_min) * u
@@ -385,7 +394,9 @@ def corrupt(
     x0 (B, L) clean ids, pad (B, L) bool. t (B,) may be given (then t_min only sets the window
     length used in the weight); otherwise it is drawn by ``sample_times``.
 
-    Anti-masking (our reading of the paper's term, documented as such): the batch holds each of the
+    Anti-masking: the paper's published summary reports that it improved FID, FAD and text
+    benchmarks at no extra cost, without defining it; this project reads it as complementary masks
+    (our reading, not the paper's text). The batch holds each of the
     B sequences twice, once with mask M drawn at time t and once with the complement of M on its
     maskable positions. The complement is a mask at ratio 1 - beta(t), i.e. distributed as the
     forward process at the time s with beta(s) = 1 - beta(t). Substituting b = 1 - beta(t),
@@ -472,7 +483,8 @@ class NELBO:
     modality_sums, modality_counts: (3,) the same numerator restricted to the masked positions of
     each modality, and that modality's number of data positions (detached; ``per_modality`` divides
     them, which waits for the device, so training loops accumulate the tensors and divide at logging).
-    per_row: (B,) each row's own estimate L(x)/N(x) (detached, float64).
+    per_row: (B,) each row's own estimate L(x)/N(x) (detached, float64; unbiased row by row, since
+    each row's t is marginally uniform, see ``sample_times``).
     """
 
     loss: Tensor
@@ -565,289 +577,16 @@ def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(nodes), torch.from_numpy(weights)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. The denoiser: a bidirectional pre-norm transformer p_theta(x_0 | x_t)
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the denoiser. Presets in ``PRESETS``; parameter counts also depend on the Vocab."""
-
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_len: int = 256
-    mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model (rounded up to a multiple of 64)
-    rope_base: float = 10_000.0
-    causal: bool = False  # True only for the autoregressive twin used as a baseline (bench, evaluate)
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("the head dimension must be even for rotary embeddings")
-
-    @property
-    def mlp_hidden(self) -> int:
-        return 64 * math.ceil(self.mlp_ratio * self.d_model / 64)
-
-
-# Width, depth and heads of each named size. The size in each name counts the transformer body
-# (about 12 d^2 per layer, the "non-embedding" count of scaling-law papers); the embedding and
-# unembedding add 2 |V| d on top (0.8M for tiny's default vocabulary, 77M at d=768 with a 50k one).
-# The paper's largest model is ~3B.
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_len=256),  # 0.8M body, ~1.6M total; CPU minutes
-    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, max_len=256),  # 25M
-    "base": ModelConfig(d_model=768, n_layers=18, n_heads=12, max_len=1024),  # 127M
-    "medium": ModelConfig(d_model=1024, n_layers=28, n_heads=16, max_len=1024),  # 353M
-    "large": ModelConfig(d_model=2048, n_layers=20, n_heads=16, max_len=2048),  # 1.0B
-    "xl": ModelConfig(d_model=2560, n_layers=38, n_heads=20, max_len=2048),  # 3.0B
-}
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * g."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
-
-
-def rotary_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (max_len, head_dim/2): angle(p, j) = p * base^(-2j/head_dim)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each pair (x_j, x_{j+d/2}) of x (B, H, L, d) by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with QK-norm and rotary positions; bidirectional unless causal."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.causal
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B,H,L,hd)
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(k), cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
-
-
-class SwiGLU(nn.Module):
-    """MLP(x) = W_down (silu(W_gate x) * W_up x)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
-        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class Denoiser(nn.Module):
-    """p_theta(x_0 | x_t): a bidirectional pre-norm transformer over the shared vocabulary.
-
-    No time input: the pattern of MASK tokens in x_t carries all the information about t that the
-    optimal denoiser needs (the true conditionals of masked positions do not depend on t).
-
-    Output restriction ("zero-masking" plus modality restriction): at a position of modality m the
-    logits cover only ``vocab.predict_slice(m)`` (m's content tokens, BOS_m, EOS_m and, for text,
-    PAD_text). MASK and task tokens and other modalities' tokens get probability exactly 0.
-
-    Initialization (documented because it matters for small runs):
-    * token embeddings and all linear layers ~ N(0, 0.02^2);
-    * the two residual-output projections of each block (attention out, MLP down) ~
-      N(0, (0.02 / sqrt(2 n_layers))^2), so the residual stream's variance does not grow with depth;
-    * RMSNorm gains = 1;
-    * the unembedding is zero, so at initialization every position predicts the uniform distribution
-      over its modality's sub-vocabulary and the loss per masked token is exactly log |slice_m|.
-    """
-
-    def __init__(self, cfg: ModelConfig, vocab: Vocab) -> None:
-        super().__init__()
-        self.cfg, self.vocab = cfg, vocab
-        self.embed = nn.Embedding(vocab.size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.d_model)
-        self.unembed = nn.Linear(cfg.d_model, vocab.control_start, bias=False)  # only predictable ids
-        cos, sin = rotary_tables(cfg.max_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("modality_ids", vocab.modality_table(), persistent=False)
-        self.slices = [vocab.predict_slice(m) for m in MODALITIES]
-        logit_mask = torch.full((len(MODALITIES), vocab.size), -math.inf)  # (3, |V|): 0 on slice_m
-        for m, s in enumerate(self.slices):
-            logit_mask[m, s] = 0.0
-        self.register_buffer("logit_mask", logit_mask, persistent=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
-            elif name == "unembed.weight":
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, std=0.02)
-
-    def num_parameters(self, body_only: bool = False) -> int:
-        """All parameters, or those of the transformer body (without embedding and unembedding)."""
-        total = sum(p.numel() for p in self.parameters())
-        return total - self.embed.weight.numel() - self.unembed.weight.numel() if body_only else total
-
-    def hidden(self, x_t: Tensor) -> Tensor:
-        """(B, L) ids -> (B, L, d) final normalized hidden states."""
-        L = x_t.shape[1]
-        if L > self.cfg.max_len:
-            raise ValueError(f"sequence length {L} exceeds the model's max_len {self.cfg.max_len}")
-        h = self.embed(x_t)
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
-        for block in self.blocks:
-            h = block(h, cos, sin)
-        return self.final_norm(h)
-
-    def modality_logits(self, h: Tensor, m: int) -> Tensor:
-        """(n, d) hidden states of positions of modality MODALITIES[m] -> (n, |slice_m|) logits."""
-        s = self.slices[m]
-        return h @ self.unembed.weight[s].T
-
-    def nll_at(self, x_t: Tensor, x0: Tensor, where: Tensor) -> Tensor:
-        """-log p_theta(x0_i | x_t) at the positions where (B, L) is True -> (n,), row-major.
-
-        Only the selected positions are unembedded, each against its own modality's slice: the
-        logits at the other positions are never computed. For the causal twin (``cfg.causal``, the
-        autoregressive baseline) x_t is the clean row and position i is predicted from the hidden
-        state at i - 1: -log p(x_i | x_<i), next-token prediction (see ``next_token_batch``).
-        """
-        h = self.hidden(x_t)  # (B, L, d)
-        if self.cfg.causal:
-            h = F.pad(h[:, :-1], (0, 0, 1, 0))  # the state at i - 1 predicts position i
-        h = h[where]  # (n, d)
-        mod = self.modality_ids[x_t[where]]  # (n,) modality of each selected position
-        target = x0[where]
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        for m, s in enumerate(self.slices):
-            rows = (mod == m).nonzero()[:, 0]
-            if rows.numel():
-                logits = self.modality_logits(h[rows], m).float()
-                out[rows] = F.cross_entropy(logits, target[rows] - s.start, reduction="none")
-        return out
-
-    def forward(self, x_t: Tensor, where: Tensor | None = None) -> Tensor:
-        """Logits over the whole vocabulary, -inf outside each position's sub-vocabulary (float32).
-
-        x_t (B, L) ids. Without ``where``: (B, L, |V|). With a bool ``where`` (B, L): (n, |V|) at
-        those positions only, row-major (the samplers ask only for still-masked positions).
-        """
-        h = self.hidden(x_t)
-        mod = self.modality_ids[x_t]  # (B, L)
-        if where is not None:
-            h, mod = h[where], mod[where]
-        logits = h @ self.unembed.weight.T  # (..., |predictable|)
-        logits = F.pad(logits.float(), (0, self.vocab.size - logits.shape[-1]), value=-math.inf)
-        return logits + self.logit_mask[mod]
-
-
-@torch.no_grad()
-def embed_codes(model: Denoiser, modality: str, codes: Tensor, generator: torch.Generator | None = None) -> None:
-    """Start a media block's input embeddings from what its tokens stand for (call before training).
-
-    A media token is a code c in R^k: the gray levels of a patch's pixels (``data.PixelTokenizer``)
-    or an FSQ code (``fsq``), and near codes mean near content. A randomly initialized embedding
-    table knows none of this: each of the |V_m| ids must learn its meaning separately, from the few
-    rows that contain it. Adding a random linear image of the standardized code,
-
-        E[id] <- E[id] + z(c_id) R,   z = (c - mean) / std per code dimension,   R ~ N(0, 0.02^2)^(k x d),
-
-    gives the transformer, from step 0, a view of each image / clip that is linear in its content
-    (a linear read-out of the 64 pixels already tells most digits apart). The table stays an ordinary
-    trained parameter. Two 8M-token runs of train.py that differ only in this (``--code_init=false``
-    against true, both with ``--audio_speeds=0.9,1.1``; test split): held-out NELBO of text 7.67
-    against 7.21 bits per token, image 3.41 against 3.21, audio 3.34 against 3.12; speech
-    recognition 0.78 against 0.87. Captioning stayed low in both (0.21 against 0.18; it varies
-    from 0.18 to 0.40 across runs at that budget, README *Results*). train.py turns it on.
-    codes: (|V_m|, k), one row per content token of the modality, in id order.
-    """
-    if modality not in ("image", "audio"):
-        raise ValueError(f"embed_codes starts media embeddings (image, audio), not {modality!r}")
-    n = model.vocab.content_size(modality)
-    if codes.ndim != 2 or codes.shape[0] != n:
-        raise ValueError(f"{modality} codes must have shape ({n}, k), one row per token; got {tuple(codes.shape)}")
-    z = (codes - codes.mean(0)) / codes.std(0).clamp_min(1e-6)
-    R = torch.randn(codes.shape[1], model.cfg.d_model, generator=generator, dtype=torch.float64) * 0.02
-    start = model.vocab.block_start(modality)
-    model.embed.weight[start : start + n] += (z.double() @ R).to(model.embed.weight)
-
-
-def model_summary(model: Denoiser) -> str:
-    """One line: preset shape and parameter count (embedding, body, unembedding)."""
-    cfg = model.cfg
-    total, body = model.num_parameters(), model.num_parameters(body_only=True)
-    return (
-        f"Denoiser d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} |V|={model.vocab.size}: "
-        f"{total / 1e6:.2f}M parameters ({body / 1e6:.2f}M body, {(total - body) / 1e6:.2f}M embedding + unembedding)"
-    )
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)
-
-
 if __name__ == "__main__":
-    # A two-second tour: the forward process on the bytes of a sentence, and an untrained model's loss.
+    # A one-second tour: the forward process on the bytes of a sentence under three schedules.
     vocab = Vocab(text=256, audio=64, image=17)
     sentence = "Masked diffusion forgets a sentence one token at a time."
     x0 = vocab.to_global(torch.tensor([list(sentence.encode())]), "text")
-    pad = torch.zeros_like(x0, dtype=torch.bool)
-    g = torch.Generator().manual_seed(0)
-    u = torch.rand(x0.shape, generator=g, dtype=torch.float64)
+    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for sched in (Schedule("linear"), Schedule("cosine"), Schedule("poly", 2.0)):
         print(f"schedule {sched}:")
         for t in (0.1, 0.5, 0.9):
-            masked = mask_positions(u, ~pad, sched.beta(torch.tensor([t], dtype=torch.float64)))
+            beta = sched.beta(torch.tensor([t], dtype=torch.float64))
+            masked = mask_positions(u, torch.ones_like(x0, dtype=torch.bool), beta)
             shown = "".join("_" if m else chr(c) for m, c in zip(masked[0], sentence.encode(), strict=True))
-            print(f"  t={t:.1f} beta={float(sched.beta(torch.tensor(t))):.2f}  {shown}")
-    model = Denoiser(PRESETS["tiny"], vocab)
-    print(model_summary(model))
-    c = corrupt(x0.expand(8, -1), pad.expand(8, -1), vocab, Schedule("linear"), generator=g)
-    with torch.no_grad():
-        result = nelbo(model.nll_at, c, vocab)
-    n = vocab.predict_size("text")
-    print(f"untrained NELBO, one draw of 8 rows: {result.loss.item():.3f} nats/token")
-    print(f"(a zero-initialised unembedding is uniform over the text block: expectation log {n} = {math.log(n):.3f})")
+            print(f"  t={t:.1f} beta={float(beta):.2f}  {shown}")

@@ -1,4 +1,4 @@
-"""Sampling: run the reverse masked-diffusion process of a trained ``mdm.Denoiser`` for every task.
+"""Sampling: run the reverse masked-diffusion process of a trained denoiser for every task.
 
 A sample starts from a *template*: a row laid out by ``data.Layout`` in which the tokens we know sit
 in place (the task token, the structural BOS/EOS tokens, a prompt, an image to caption) and every
@@ -7,35 +7,20 @@ masked) to t = 0 (nothing is) over S steps; at each step some masked positions a
 tokens drawn from p_theta(x_0 | x_t); revealed and known tokens never change again (carry-over).
 A finished sample holds zero MASK tokens.
 
-This file reads top to bottom in the order a reader needs it:
-
-1. Templates     ``Template`` (ids + which positions are known), ``layout_template`` (the general
-   entry point: any row of a layout with known and unknown positions) and one builder per task:
-   ``text_template`` (unconditional text and prompt continuation), ``infill_template``,
-   ``caption_to_media_template`` (t2i, t2s) and ``media_to_caption_template`` (i2t, s2t).
-2. One step at a time: the small functions every sampler is made of, each with its equation:
-   ``time_grid``, ``unmask_probability``, ``remaining_counts``, ``guided_logits``,
-   ``token_distribution`` (temperature, top-p), ``draw_categorical`` (float64 inverse CDF),
-   ``confidence``, ``top_k_per_row`` and ``fill_after_end`` (the variable-length text rule).
+1. Templates     ``Template``, ``layout_template`` (any row with known and unknown positions) and one
+   builder per task (``task_template``: text, t2i, i2t, t2s, s2t).
+2. One step at a time: ``time_grid``, ``unmask_probability``, ``remaining_counts``, ``guided_logits``,
+   ``token_distribution``, ``draw_categorical``, ``confidence``, ``top_k_per_row``, ``fill_after_end``.
 3. The samplers  ``ancestral_step`` (the exact reverse of the forward process), ``confidence_step``
    (MaskGIT / LLaDA), and ``sample``, the loop around them, with a ``Predictor`` that caches the
-   denoiser's output while the state does not change and counts network evaluations (NFE);
-   ``generate`` builds a task's batch of templates and samples it.
-4. Settings      ``SamplerConfig``, per-task ``PRESETS`` (chosen by a sweep of the default trained
-   model, see the comment above them) and ``sweep``, which runs a grid of configs through a metric callback.
-5. Outputs       decoding generated rows, text files, PNG image grids, WAV files, a JSON manifest.
-6. The command line: ``python sample.py --checkpoint CKPT --task t2i --prompt "a seven" --num 16``.
+   denoiser's output while the state does not change and counts network evaluations (NFE).
+4. Settings      ``SamplerConfig`` and the per-task ``PRESETS``.
+5. Outputs and the command line: ``python sample.py --checkpoint CKPT --task t2i --prompt "a seven"``.
 
-Connections: ``mdm.py`` gives ``Vocab`` (every id used here), ``Schedule`` (beta_t) and ``Denoiser``
-(``forward(x_t, where)``: float32 logits, -inf outside each position's sub-vocabulary; no time
-input, which is what makes caching exact); ``data.py`` gives ``Layout`` (where each segment sits)
-and the tokenizers; ``train.load_for_inference`` loads a checkpoint for the command line;
-``evaluate.py`` scores what ``generate`` returns.
-
-Notation (the paper's): x_t the row at time t, beta_t the probability that a position is masked at
-time t (beta_1 = 1, beta_0 = 0), MASK_m the mask token of modality m, p_theta(x_0 | x_t) the
-denoiser's distribution at a masked position, S the number of steps, NFE the number of network
-evaluations (one forward pass over the whole batch counts one).
+Notation: x_t the row at time t, beta_t the probability that a position is masked at time t
+(beta_1 = 1, beta_0 = 0), S the number of steps, NFE the number of network evaluations (one
+forward pass over the whole batch counts one). The denoiser has no time input, which is what makes
+caching exact; ``checkpoint.load_for_inference`` loads a trained one.
 """
 
 from __future__ import annotations
@@ -47,7 +32,7 @@ import math
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +42,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from checkpoint import Inference, load_for_inference
 from data import MEDIA, Layout, decode_text_ids, resample
 from mdm import MODALITIES, TASKS, Schedule, Vocab
 
@@ -87,7 +73,7 @@ class Template:
     ends:         variable-length text slots (a pair's caption or transcript): the end-of-text rule
                   of ``fill_after_end`` applies there.
     content_only: positions that may only take their modality's content tokens (fixed-length media
-                  slots and infilling holes: a BOS_m or EOS_m there is never data).
+                  slots: a BOS_m or EOS_m there is never data).
 
     Build one with ``layout_template`` or a task builder; ``Template(ids, known)`` with the last three
     masks all False is the bare general form.
@@ -126,13 +112,18 @@ class Template:
         vocab.check_ids(self.ids)
         is_mask = vocab.is_mask(self.ids)
         for wrong, what in (
-            (~self.known & ~is_mask, "is to be generated (known=False) but holds {tok}; such positions must hold "
-             "the MASK of the modality to generate (MASK_text, MASK_audio or MASK_image)"),
+            (
+                ~self.known & ~is_mask,
+                "is to be generated (known=False) but holds {tok}; such positions must hold "
+                "the MASK of the modality to generate (MASK_text, MASK_audio or MASK_image)",
+            ),
             (self.known & is_mask, "is marked known but holds {tok}; give its token or mark it unknown"),
             (self.cond & ~self.known, "is in the conditioning segment (cond) but is not known ({tok})"),
-            (self.ends & (vocab.modality_of(self.ids) != MODALITIES.index("text")),
-             "is in a variable-length text slot (ends) but is not a text position ({tok})"),
-        ):  # fmt: skip
+            (
+                self.ends & (vocab.modality_of(self.ids) != MODALITIES.index("text")),
+                "is in a variable-length text slot (ends) but is not a text position ({tok})",
+            ),
+        ):
             if wrong.any():
                 r, c = (int(i) for i in wrong.nonzero()[0])
                 raise ValueError(f"template row {r}, position {c} " + what.format(tok=vocab.name(int(self.ids[r, c]))))
@@ -209,63 +200,35 @@ def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
     return layout_template(layout, ids)
 
 
-def infill_template(layout: Layout, tokens: Sequence[int | None]) -> Template:
-    """Infilling: TASK_text BOS_text tokens EOS_text MASK ..., where None in ``tokens`` is a hole.
-
-    The holes may only take text content tokens (no document boundary inside the given text); the
-    tail after EOS_text is generated too, as in training where the next document follows, and
-    ``decode_text`` drops it.
-    """
-    v, room = layout.vocab, layout.text_capacity("text") - 2  # BOS_text and EOS_text
-    if len(tokens) > room:
-        raise ValueError(
-            f"the text to infill is {len(tokens)} tokens but a text row holds at most {room} between "
-            f"BOS_text and EOS_text (seq_len {layout.seq_len}); shorten it"
-        )
-    ids = torch.full((layout.seq_len,), v.mask("text"), dtype=torch.long)
-    ids[0], ids[1], ids[2 + len(tokens)] = v.task("text"), v.bos("text"), v.eos("text")
-    holes = torch.zeros(layout.seq_len, dtype=torch.bool)
-    for i, tok in enumerate(tokens):
-        if tok is None:
-            holes[2 + i] = True
-        else:
-            ids[2 + i] = v.to_global(torch.tensor([tok]), "text")[0]
-    template = layout_template(layout, ids)
-    template.content_only = holes[None]
-    return template
-
-
-def caption_to_media_template(layout: Layout, pair_task: str, caption: Sequence[int]) -> Template:
-    """t2i / t2s: the pair row of ``caption`` (local text ids) with its media slot all MASK_m."""
-    media_len, m = layout.media_len(pair_task), MEDIA[pair_task]
-    text = torch.as_tensor(list(caption), dtype=torch.long)
-    ids = layout.pair_row(pair_task, torch.zeros(media_len, dtype=torch.long), text)
-    ids[layout.media_slot(pair_task)] = layout.vocab.mask(m)
-    return layout_template(layout, ids)
-
-
-def media_to_caption_template(layout: Layout, pair_task: str, media: Sequence[int] | np.ndarray | Tensor) -> Template:
-    """i2t / s2t: the pair row of ``media`` (local image / audio ids) with its text slot all MASK_text."""
-    media = torch.as_tensor(np.asarray(media), dtype=torch.long)
-    ids = layout.pair_row(pair_task, media, torch.zeros(0, dtype=torch.long))
-    ids[layout.text_slot(pair_task)] = layout.vocab.mask("text")
-    return layout_template(layout, ids)
-
-
 def task_template(
     layout: Layout, task: str, *, text: Sequence[int] = (), media: Sequence[int] | np.ndarray | None = None
 ) -> Template:
-    """One row of a generation task ("text", "t2i", "i2t", "t2s", "s2t") from its condition."""
+    """One row of a generation task ("text", "t2i", "i2t", "t2s", "s2t") from its condition.
+
+    text, t2i, t2s: ``text`` holds the prompt's local text ids, and the text row (or the pair row's
+    media slot) is all MASK. i2t, s2t: ``media`` holds the local image / audio ids, and the pair
+    row's text slot is all MASK_text. Infilling is ``layout_template`` of a row with MASKs inside.
+    """
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(GENERATION_TASKS)}")
     row_task, generated = GENERATION_TASKS[task]
     if row_task == "text":
         return text_template(layout, text)
     if generated == "media":
-        return caption_to_media_template(layout, row_task, text)
-    if media is None:
+        ids = layout.pair_row(
+            row_task,
+            torch.zeros(layout.media_len(row_task), dtype=torch.long),
+            torch.as_tensor(list(text), dtype=torch.long),
+        )
+        ids[layout.media_slot(row_task)] = layout.vocab.mask(MEDIA[row_task])
+    elif media is None:
         raise ValueError(f"task {task!r} needs the {MEDIA[row_task]} to describe")
-    return media_to_caption_template(layout, row_task, media)
+    else:
+        ids = layout.pair_row(
+            row_task, torch.as_tensor(np.asarray(media), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        )
+        ids[layout.text_slot(row_task)] = layout.vocab.mask("text")
+    return layout_template(layout, ids)
 
 
 def prompt_capacity(layout: Layout, task: str) -> int:
@@ -311,8 +274,8 @@ def guided_logits(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     """Classifier-free guidance: logits_g = logits_u + (1 + w) (logits_c - logits_u).
 
     Equivalently logits_c + w (logits_c - logits_u): w = 0 is plain conditional sampling, w > 0
-    pushes away from the unconditional model (Ho & Salimans' w; LLaDA's cfg_scale). In the
-    DESIGN.md form logits_u + w' (logits_c - logits_u) this is w' = 1 + w. Computed on the finite
+    pushes away from the unconditional model (Ho & Salimans' w; LLaDA's cfg_scale). In the other
+    common form logits_u + w' (logits_c - logits_u) this is w' = 1 + w. Computed on the finite
     entries only: masking the conditioning segment keeps every position's modality, so the -inf
     entries (other modalities, MASK, task tokens) coincide in both passes and stay -inf, with no
     inf - inf = nan.
@@ -483,8 +446,10 @@ def ancestral_step(
     Each masked position is revealed independently with probability (beta_s - beta_s')/beta_s
     (``unmask_probability``), i.e. iff its uniform u < that probability; a revealed position takes
     x̂ ~ p_theta(x_0 | x_t) (with temperature and top-p). Positions revealed in the same step are
-    drawn independently given x_t: the only approximation of few-step sampling, which vanishes as
-    the steps outnumber the tokens.
+    drawn independently given x_t: the only approximation of few-step sampling. Under the linear
+    grid each of n positions is revealed at a uniformly random one of the S steps, so about
+    C(n, 2)/S pairs share a step (the birthday problem): the error vanishes only for S >> n^2/2,
+    not as soon as the steps outnumber the tokens.
     """
     reveal = masked & (u_reveal < p_unmask)
     rows = reveal[masked]  # which of the logits' rows are revealed
@@ -608,7 +573,7 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Settings: the sampler config, per-task presets, and a sweep helper
+# 4. Settings: the sampler config and the per-task presets
 # ----------------------------------------------------------------------------------------------
 
 SAMPLERS: tuple[str, ...] = ("ancestral", "confidence")
@@ -654,18 +619,7 @@ class SamplerConfig:
         return asdict(self)
 
 
-# Per-task defaults, chosen by the inference sweep of the default tiny model on the *validation*
-# split (`python studies.py inference --size quick --checkpoint runs/tiny/ckpt.pt`; table and figure
-# in docs/studies.md, section 6; means of 2 sampler seeds). Lowering the temperature was the largest
-# lever for every judged task (ancestral at T = 1: t2i 0.63-0.80, i2t 0.11-0.17, s2t 0.64-0.66,
-# t2s 0.38-0.45); guidance w = 1.5 helped the media outputs and hurt the text ones (s2t 0.40-0.52
-# with it); confidence ordering suited the short text outputs. The chosen settings scored t2i 1.00,
-# i2t 0.43, s2t 0.75, t2s 0.92 (the sweep's strict best for s2t, ancestral, 64 steps, T = 0.5,
-# scored 0.76 at 5x the NFE). Test-split figures are in the README. Images and speech keep T = 0.5
-# so that repeated samples of one prompt differ (T = 0 scores the same with identical samples).
-# Unconditional text has no judge: ancestral T = 0.8 was chosen with the autoregressive twin's NLL
-# and the unigram entropy of the samples (`evaluate.text_sample_quality`; the confidence sampler
-# collapsed to repetitions), with 96 steps for 47 positions so that caching skips empty steps.
+# Per-task defaults, chosen on the validation split by the lab's inference study (lab/STUDIES.md).
 PRESETS: dict[str, SamplerConfig] = {
     "text": SamplerConfig(sampler="ancestral", steps=96, temperature=0.8),
     "t2i": SamplerConfig(sampler="ancestral", steps=32, temperature=0.5, guidance=1.5),
@@ -673,45 +627,6 @@ PRESETS: dict[str, SamplerConfig] = {
     "t2s": SamplerConfig(sampler="confidence", steps=32, temperature=0.5, guidance=1.5),
     "s2t": SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
 }
-
-
-def sweep(
-    metric: Callable[[SamplerConfig], Mapping[str, float]],
-    grid: Mapping[str, Sequence],
-    base: SamplerConfig | None = None,
-) -> list[dict]:
-    """Run ``metric`` on every config of a grid; returns one row (config fields + metrics) per config.
-
-    grid maps SamplerConfig field names to the values to try, e.g. ``{"steps": [16, 32, 64],
-    "temperature": [0.8, 1.0]}`` (the Cartesian product, starting from ``base``, by default
-    ``SamplerConfig()``). ``metric(cfg)`` generates with ``cfg`` (e.g. through ``generate``) and
-    returns named numbers, e.g. ``{"accuracy": 0.9, "nfe": 40, "seconds_per_sample": 0.01}``.
-    Print the rows with ``format_table``; pick a preset with ``max(rows, key=...)``.
-    """
-    names = {f.name for f in fields(SamplerConfig)}
-    unknown = set(grid) - names
-    if unknown:
-        raise ValueError(f"unknown SamplerConfig fields in the grid: {sorted(unknown)}; fields are {sorted(names)}")
-    base = base or SamplerConfig()
-    rows = []
-    for values in itertools.product(*grid.values()):
-        cfg = replace(base, **dict(zip(grid, values, strict=True)))
-        rows.append({**cfg.to_dict(), **metric(cfg)})
-    return rows
-
-
-def format_table(rows: Sequence[Mapping[str, object]]) -> str:
-    """A Markdown table of ``sweep``'s rows (floats with 4 significant digits)."""
-    if not rows:
-        return "(no rows)"
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-
-    def cell(value: object) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,12 +696,6 @@ def save_wavs(folder: Path, waves: Sequence[np.ndarray], sample_rate: int) -> li
     return paths
 
 
-def write_manifest(path: Path, **entries: object) -> Path:
-    """A JSON record of what was generated: task, settings, seed, NFE, seconds per sample, files."""
-    path.write_text(json.dumps(entries, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # 6. The command line
 # ----------------------------------------------------------------------------------------------
@@ -794,64 +703,51 @@ def write_manifest(path: Path, **entries: object) -> Path:
 USAGE_EXAMPLES = """examples:
   python sample.py --checkpoint runs/tiny/ckpt.pt --task text --prompt "The" --num 4
   python sample.py --checkpoint runs/tiny/ckpt.pt --task t2i --prompt "a handwritten seven" --num 16
-  python sample.py --checkpoint runs/tiny/ckpt.pt --task i2t --image digit.png
+  python sample.py --checkpoint runs/tiny/export --task i2t --image digit.png
   python sample.py --checkpoint runs/tiny/ckpt.pt --task t2s --prompt "seven"
   python sample.py --checkpoint runs/tiny/ckpt.pt --task s2t --audio clip.wav
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and status 2, no usage dump
-        _fail(message)
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # an expected error: one line and status 2, no usage dump
+        fail(message, self.prog)
+
+    def option(self, name: str, **kw) -> None:
+        """``--name``, also spelled with hyphens (``--top-p`` for ``--top_p``), as in every script here."""
+        self.add_argument(*dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]), dest=name, **kw)
 
 
-def _fail(message: object) -> None:
-    print(f"sample.py: error: {' '.join(str(message).split())}", file=sys.stderr)
+def fail(message: object, prog: str = "sample.py") -> None:
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="sample.py",
         description="Generate text, images and speech with a trained tri-modal MDM.",
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", required=True, choices=tuple(GENERATION_TASKS))
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py")
-    p.add_argument("--prompt", action="append", help="text prompt (text, t2i, t2s); repeat for several")
-    p.add_argument("--image", action="append", help="image file to caption (i2t); repeat for several")
-    p.add_argument("--audio", action="append", help="audio file to transcribe (s2t); repeat for several")
-    p.add_argument("--num", type=int, default=1, help="samples per prompt or input file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/samples", help="output folder")
-    p.add_argument("--device", default="cpu")
-    g = p.add_argument_group("sampler (default: the task's preset)")
-    g.add_argument("--sampler", choices=SAMPLERS)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--schedule")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--guidance", type=float)
-    g.add_argument("--no-cache", action="store_true", help="run the network at every step")
+    p.option("task", required=True, choices=tuple(GENERATION_TASKS), help="what to generate")
+    p.option("checkpoint", required=True, help="a checkpoint or export folder written by train.py")
+    p.option("prompt", action="append", help="text prompt (text, t2i, t2s); repeat for several")
+    p.option("image", action="append", help="image file to caption (i2t); repeat for several")
+    p.option("audio", action="append", help="audio file to transcribe (s2t); repeat for several")
+    p.option("num", type=int, default=1, help="samples per prompt or input file (default: 1)")
+    p.option("seed", type=int, default=0, help="the sampler's seed (default: 0)")
+    p.option("out", default="out/samples", help="output folder (default: out/samples)")
+    p.option("device", default="cpu", help="cpu or cuda (default: cpu)")
+    for f in fields(SamplerConfig):  # each defaults to the task's preset
+        kind = {"int": int, "float": float, "str": str, "bool": None}[f.type]
+        if kind is not None:
+            p.option(f.name, type=kind, help="sampler setting (default: the task's preset, sample.PRESETS)")
+    p.option("no_cache", action="store_true", help="run the network at every step")
     return p
 
 
-def _load_checkpoint(path: str, device: str) -> object:
-    import train
-
-    try:
-        bundle = train.load_for_inference(path, use_ema=True, device=device)
-    except (OSError, ValueError) as e:
-        _fail(f"cannot load checkpoint {path}: {e}")
-    model, layout = bundle.model, bundle.layout
-    if model.vocab != layout.vocab:
-        _fail(f"checkpoint {path} is inconsistent: the model's vocabulary differs from the layout's")
-    if layout.seq_len > model.cfg.max_len:
-        _fail(f"checkpoint {path}: seq_len {layout.seq_len} exceeds the model's max_len {model.cfg.max_len}")
-    return bundle
-
-
-def _read_image(path: str, bundle: object) -> np.ndarray:
+def read_image(path: str, inf: Inference) -> np.ndarray:
     from PIL import Image
 
     try:
@@ -859,13 +755,10 @@ def _read_image(path: str, bundle: object) -> np.ndarray:
             pixels = np.asarray(img.convert("L"))
     except OSError as e:  # missing file, or not an image PIL can read
         raise ValueError(f"cannot read image {path}: {e}") from None
-    ids = bundle.image_tokenizer.encode(bundle.image_tokenizer.to_gray_levels(pixels))
-    if ids.shape != (bundle.layout.image_len,):
-        raise ValueError(f"the image tokenizer gives {ids.shape[0]} tokens; the layout holds {bundle.layout.image_len}")
-    return ids
+    return inf.image_tokenizer.encode(inf.image_tokenizer.to_gray_levels(pixels))
 
 
-def _read_audio(path: str, bundle: object) -> np.ndarray:
+def read_audio(path: str, inf: Inference) -> np.ndarray:
     import soundfile as sf
 
     try:
@@ -874,99 +767,89 @@ def _read_audio(path: str, bundle: object) -> np.ndarray:
         raise ValueError(f"cannot read audio file {path} (expected WAV/FLAC/OGG readable by soundfile): {e}") from None
     if len(wave) == 0:
         raise ValueError(f"audio file {path} holds no samples")
-    codec = bundle.audio_codec
-    ids = np.asarray(codec.encode(resample(wave.mean(axis=1), rate, codec.sample_rate)), dtype=np.int64)
-    if ids.shape != (bundle.layout.audio_len,):
-        raise ValueError(f"the audio codec gives {ids.shape[0]} tokens; the layout holds {bundle.layout.audio_len}")
-    return ids
+    return inf.audio_codec.encode(resample(wave.mean(axis=1), rate, inf.audio_codec.sample_rate))
 
 
-def _cli_conditions(args: argparse.Namespace, bundle: object) -> tuple[Template, list[str]]:
-    """The batch template of the command line and one label per condition."""
-    task, layout = args.task, bundle.layout
+def cli_template(args: argparse.Namespace, inf: Inference) -> tuple[Template, list[str]]:
+    """The batch template of the command line and one label per row."""
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if task in ("i2t", "s2t"):
-        files = args.image if task == "i2t" else args.audio
+    if args.task in ("i2t", "s2t"):
+        files = args.image if args.task == "i2t" else args.audio
         if not files:
-            raise ValueError(f"--task {task} needs {'--image' if task == 'i2t' else '--audio'} FILE")
-        read = _read_image if task == "i2t" else _read_audio
-        rows = [task_template(layout, task, media=read(f, bundle)) for f in files]
-        labels = list(files)
+            raise ValueError(f"--task {args.task} needs {'--image' if args.task == 'i2t' else '--audio'} FILE")
+        read = read_image if args.task == "i2t" else read_audio
+        rows, labels = [task_template(inf.layout, args.task, media=read(f, inf)) for f in files], list(files)
     else:
-        prompts = args.prompt or ([""] if task == "text" else [])
-        if not prompts:
-            raise ValueError(f"--task {task} needs --prompt TEXT")
-        rows, labels = [], []
-        room = prompt_capacity(layout, task)
-        for prompt in prompts:
-            ids = bundle.text_tokenizer.encode(prompt)
+        labels = args.prompt or ([""] if args.task == "text" else [])
+        if not labels:
+            raise ValueError(f"--task {args.task} needs --prompt TEXT")
+        room = prompt_capacity(inf.layout, args.task)
+        rows = []
+        for prompt in labels:
+            ids = inf.text_tokenizer.encode(prompt)
             if len(ids) > room:
                 raise ValueError(
-                    f"the prompt {prompt[:40]!r} is {len(ids)} tokens but task {task} holds at most {room} "
-                    f"with this checkpoint's layout (seq_len {layout.seq_len}); shorten it"
+                    f"the prompt {prompt[:40]!r} is {len(ids)} tokens but task {args.task} holds at most {room} "
+                    f"with this checkpoint's layout (seq_len {inf.layout.seq_len}); shorten it"
                 )
-            rows.append(task_template(layout, task, text=ids))
-            labels.append(prompt)
-    return Template.cat([r.repeat(args.num) for r in rows]), [lab for lab in labels for _ in range(args.num)]
+            rows.append(task_template(inf.layout, args.task, text=ids))
+    return Template.cat([r.repeat(args.num) for r in rows]), [label for label in labels for _ in range(args.num)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    overrides = {
-        k: getattr(args, k)
-        for k in ("sampler", "steps", "schedule", "temperature", "top_p", "guidance")
-        if getattr(args, k) is not None
-    }
-    try:
-        cfg = replace(PRESETS[args.task], **overrides, **({"cache": False} if args.no_cache else {}))
+    args = parser().parse_args(argv)
+    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name, None) is not None}
+    try:  # expected errors: a bad option, a missing or unreadable file (one line, no traceback)
+        cfg = replace(PRESETS[args.task], **chosen, **({"cache": False} if args.no_cache else {}))
     except ValueError as e:
-        _fail(e)
-    bundle = _load_checkpoint(args.checkpoint, args.device)
+        fail(e)
     try:
-        template, labels = _cli_conditions(args, bundle)
+        inf = load_for_inference(args.checkpoint, device=args.device)
+    except (OSError, ValueError) as e:
+        fail(f"cannot load checkpoint {args.checkpoint}: {e}")
+    try:
+        template, labels = cli_template(args, inf)
     except ValueError as e:
-        _fail(e)
-    result = sample(bundle.model, template, cfg, torch.Generator().manual_seed(args.seed))
-
-    out = Path(args.out)
+        fail(e)
+    result = sample(inf.model, template, cfg, torch.Generator().manual_seed(args.seed))
+    out, task = Path(args.out), args.task
     out.mkdir(parents=True, exist_ok=True)
-    layout, task = bundle.layout, args.task
-    files: list[Path] = []
-    texts: list[str] = []
-    waves: list[np.ndarray] = []
+    samples = [{"condition": label} for label in labels]
     if GENERATION_TASKS[task][1] == "text":
-        texts = [decode_text(row, layout, task, bundle.text_tokenizer) for row in result.ids]
-        files.append(write_texts(out / "samples.txt", texts, labels))
-        for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
-            print(f"[{i}] ({label}) {text}")
+        texts = [decode_text(row, inf.layout, task, inf.text_tokenizer) for row in result.ids]
+        files = [write_texts(out / "samples.txt", texts, labels)]
+        for i, (text, sample_) in enumerate(zip(texts, samples, strict=True)):
+            sample_["text"] = text
+            print(f"[{i}] ({labels[i]}) {text}")
     elif task == "t2i":
-        images = np.stack([bundle.image_tokenizer.decode(decode_media(row, layout, task)) for row in result.ids])
+        images = np.stack([inf.image_tokenizer.decode(decode_media(row, inf.layout, task)) for row in result.ids])
         np.save(out / "images.npy", images)
-        levels = getattr(bundle.image_tokenizer, "levels", 17)
-        files += [save_image_grid(out / "grid.png", list(images), labels, levels), out / "images.npy"]
+        files = [
+            save_image_grid(out / "grid.png", list(images), labels, inf.image_tokenizer.levels),
+            out / "images.npy",
+        ]
     else:
-        codec = bundle.audio_codec
-        waves = [codec.decode(decode_media(row, layout, task)) for row in result.ids]
-        files += save_wavs(out, waves, codec.sample_rate)
-    manifest = write_manifest(
-        out / "manifest.json",
-        task=task,
-        checkpoint=args.checkpoint,
-        config=cfg.to_dict(),
-        seed=args.seed,
-        num_per_condition=args.num,
-        samples=[
-            {"condition": label, **({"text": texts[i]} if texts else {}), **({"file": files[i].name} if waves else {})}
-            for i, label in enumerate(labels)
-        ],
-        files=[f.name for f in files],
-        nfe=result.nfe,
-        seconds=round(result.seconds, 4),
-        seconds_per_sample=round(result.seconds_per_sample, 6),
-        device=args.device,
+        waves = [inf.audio_codec.decode(decode_media(row, inf.layout, task)) for row in result.ids]
+        files = save_wavs(out, waves, inf.audio_codec.sample_rate)
+        for path, sample_ in zip(files, samples, strict=True):
+            sample_["file"] = path.name
+    manifest = {
+        "task": task,
+        "checkpoint": args.checkpoint,
+        "config": cfg.to_dict(),
+        "seed": args.seed,
+        "num_per_condition": args.num,
+        "samples": samples,
+        "files": [f.name for f in files],
+        "nfe": result.nfe,
+        "seconds": round(result.seconds, 4),
+        "seconds_per_sample": round(result.seconds_per_sample, 6),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    print(
+        f"{len(labels)} samples, NFE {result.nfe}, {result.seconds_per_sample:.3f} s/sample -> {out / 'manifest.json'}"
     )
-    print(f"{len(labels)} samples, NFE {result.nfe}, {result.seconds_per_sample:.3f} s/sample -> {manifest}")
 
 
 if __name__ == "__main__":

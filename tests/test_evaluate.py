@@ -1,4 +1,4 @@
-"""Tests of evaluate.py: the likelihood estimator in bits and the end-to-end report of a checkpoint."""
+"""Tests of evaluate.py: the likelihood estimator in bits, the text judge and the end-to-end report of a checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import data as data_lib
 import evaluate
 import mdm
 import train
+from model import Denoiser, ModelConfig
 
 # Two tiny runs of a few steps (an MDM and its autoregressive twin): the report's machinery, not quality.
 SMALL = [
@@ -31,10 +32,10 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def tiny_data() -> data_lib.TriModalData:
-    return data_lib.build_data(data_lib.DataConfig())
+    return data_lib.build_data(data_lib.DataConfig(audio_speeds=()))
 
 
-def uniform_support(model: mdm.Denoiser, vocab: mdm.Vocab, modality: str) -> int:
+def uniform_support(model: Denoiser, vocab: mdm.Vocab, modality: str) -> int:
     """How many ids a fresh model's distribution covers at a masked position of ``modality``."""
     x = torch.full((1, 4), vocab.mask(modality))
     logits = model(x)[0, 0]
@@ -46,7 +47,7 @@ def test_nelbo_bits_of_an_untrained_model_is_log2_of_its_support(tiny_data) -> N
     is E_t[w(t) * beta(t)] * log2 |support| = log2 |support| bits per token: an exact target for the
     estimator (stratified t, pooled batches) that the standard error must cover."""
     torch.manual_seed(0)
-    model = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=1, n_heads=2), tiny_data.vocab)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=1, n_heads=2), tiny_data.vocab)
     for task, modality in (("text", "text"), ("image_text", "image"), ("audio_text", "audio")):
         est = evaluate.nelbo_bits(model, tiny_data, task, "val", batches=6, batch_size=16)[modality]
         target = math.log2(uniform_support(model, tiny_data.vocab, modality))
@@ -83,16 +84,14 @@ def test_report_writes_every_task_beside_its_judge_and_the_ar_twin(tmp_path: Pat
     # The judges' ceilings are real measurements on held-out data, far above chance (0.1).
     c = res["ceilings"]
     assert c["image_judge_on_real"] > 0.9 and c["image_judge_on_tokens"] > 0.9
-    assert c["speech_judge_on_codec"] > 0.8 and c["audio_classifier_on_codec"] > 0.8
+    assert c["speech_judge_on_codec"] > 0.8
     for key in ("text_bits_per_token", "text_bits_per_byte", "image_bits_per_token", "audio_bits_per_token"):
         assert key in res["likelihood"] and key in res["ar_likelihood"]
     tg = res["text_generation"]
     for key in ("samples", "real_test_text"):
         assert math.isfinite(tg[key]["ar_bits_per_token"]) and tg[key]["unigram_entropy_bits"] > 0
-    for task in ("i2t", "s2t"):  # the sampler-free probe of the digit, measured on both tasks
-        assert 0.0 <= res["digit_probe"][task] <= 1.0, res["digit_probe"]
     md = (out / "report.md").read_text()
-    assert "autoregressive twin NLL" in md and ">= 0.90" in md and "Digit probe" in md
+    assert "autoregressive twin NLL" in md and "Text NELBO / AR twin NLL" in md and "pocketsphinx" in md
     for name in ("t2i.png", "i2t.png", "t2s.png", "text_samples.txt"):
         assert (out / name).stat().st_size > 0, name
     assert len(list((out / "t2s").glob("*.wav"))) == 10
@@ -109,7 +108,7 @@ def test_text_sample_quality_entropy_and_ar_nll(tiny_data) -> None:
     assert abs(evaluate.text_sample_quality(four_words, v)["unigram_entropy_bits"] - 2.0) < 1e-9
     # A fresh causal twin is uniform over the text ids (+ EOS/PAD): log2 of its support per token.
     torch.manual_seed(0)
-    ar = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=1, n_heads=2, causal=True), v)
+    ar = Denoiser(ModelConfig(d_model=32, n_layers=1, n_heads=2, causal=True), v)
     got = evaluate.text_sample_quality(four_words, v, ar)["ar_bits_per_token"]
     assert abs(got - math.log2(uniform_support(ar, v, "text"))) < 1e-6
 
@@ -118,58 +117,5 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", str(tmp_path / "nope.pt")])
     assert e.value.code == 2
-    assert "no checkpoint" in capsys.readouterr().err
-
-
-class _DigitOracle(torch.nn.Module):
-    """A model that knows the digit perfectly, and only where the probe asks.
-
-    It reads the label from the first media token (the test writes it there), checks the row is
-    what the probe promises (the caption's prefix clean, the rest of the text MASK) and puts all
-    its mass on that digit's token at the probed position alone; elsewhere its logits are flat."""
-
-    def __init__(self, layout: data_lib.Layout, tokens: torch.Tensor, task: str, prefix: list[int], at: int) -> None:
-        super().__init__()
-        self.layout, self.tokens, self.task, self.prefix, self.at = layout, tokens, task, prefix, at
-        self.weight = torch.nn.Parameter(torch.zeros(1))  # a device to read
-
-    def forward(self, rows: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
-        v, text = self.layout.vocab, self.layout.text_slot(self.task)
-        pos = text.start + self.at
-        given = v.to_global(torch.tensor(self.prefix[: self.at]), "text")
-        assert (rows[:, text.start : pos] == given).all(), "the caption's prefix is given"
-        assert (rows[:, pos : text.stop] == v.mask("text")).all(), "the rest of the text is masked"
-        label = rows[:, self.layout.media_slot(self.task).start] - v.block_start(data_lib.MEDIA[self.task])
-        logits = torch.zeros(*rows.shape, v.size)
-        logits[torch.arange(len(rows)), pos, self.tokens[label]] = 10.0
-        return logits if where is None else logits[where]
-
-
-@pytest.mark.parametrize("task,template", [("image_text", "the digit {d}"), ("audio_text", "{word}")])
-def test_digit_probe_reads_the_models_digit(tiny_data, task: str, template: str) -> None:
-    layout, tok, v = tiny_data.layout, tiny_data.text_tokenizer, tiny_data.vocab
-    forms = [tok.encode(template.format(word=w, d=d)) for d, w in enumerate(data_lib.DIGIT_WORDS)]
-    at = next(i for i in range(min(map(len, forms))) if len({f[i] for f in forms}) > 1)
-    tokens = v.to_global(torch.tensor([f[at] for f in forms]), "text")
-    labels = torch.arange(40) % 10
-    media = torch.zeros(40, layout.media_len(task), dtype=torch.long)
-    media[:, 0] = labels
-    pairs = data_lib.PairData(media, [[[1]]] * 40, labels)
-    oracle = _DigitOracle(layout, tokens, task, forms[0], at)
-    inf = train.Inference(
-        oracle, layout, tok, tiny_data.image_tokenizer, tiny_data.audio_codec, train.TrainConfig(), tiny_data.config, 0
-    )
-    assert evaluate.digit_probe(inf, pairs, task, template) == 1.0
-    pairs.labels = (labels + 1) % 10  # the same model, every label wrong
-    assert evaluate.digit_probe(inf, pairs, task, template) == 0.0
-    assert evaluate.digit_probe(inf, pairs, task, template, chunk=7) == 0.0  # chunks of rows: the same
-    pairs.labels = torch.where(labels < 5, labels, -1)  # unlabelled examples are left out
-    assert evaluate.digit_probe(inf, pairs, task, template, chunk=7) == 1.0
-    pairs.labels = torch.where(torch.arange(40) < 12, labels, (labels + 1) % 10)
-    assert evaluate.digit_probe(inf, pairs, task, template, limit=12) == 1.0  # the first 12 only
-    assert evaluate.digit_probe(inf, pairs, task, template, limit=24) == 0.5
-    with pytest.raises(ValueError, match="ten distinct tokens"):
-        evaluate.digit_probe(inf, pairs, task, "a digit")
-    pairs.labels = torch.full((40,), -1)
-    with pytest.raises(ValueError, match="none of these"):
-        evaluate.digit_probe(inf, pairs, task, template)
+    err = capsys.readouterr().err
+    assert err.startswith("evaluate.py: error: ") and "no checkpoint" in err and err.count("\n") == 1

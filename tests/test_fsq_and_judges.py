@@ -1,7 +1,6 @@
-"""Tests of fsq.py (quantizer, audio codec, image autoencoder, adapters), the judges of evaluate.py and the
+"""Tests of fsq.py (quantizer, audio codec, image autoencoder, loading), the judges of evaluate.py and the
 committed spoken-digit data. All offline; the whole file runs in well under a minute on two cores."""
 
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,13 +12,7 @@ from hypothesis import strategies as st
 
 import data
 import fsq
-from evaluate import (
-    DIGIT_WORDS,
-    AudioClassifierJudge,
-    DigitImageJudge,
-    SpeechJudge,
-    frechet_distance,
-)
+from evaluate import DIGIT_WORDS, DigitImageJudge, SpeechJudge, frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_AUDIO = fsq.AudioCodecConfig(channels=16, res_blocks=1, griffin_lim_iters=4)
@@ -52,7 +45,7 @@ def test_fsq_indices_and_codes_round_trip(levels):
     assert torch.equal(q.codes_to_indices(codes), idx)  # a bijection between the grid and [0, prod L)
     assert codes.abs().max() <= 1.0
     assert len({tuple(c) for c in codes.tolist()}) == q.codebook_size  # distinct codes
-    assert np.array_equal(q.code_vectors(), codes.numpy())  # what mdm.embed_codes starts from
+    assert np.array_equal(q.code_vectors(), codes.numpy())  # what embed_codes starts from
 
 
 @given(st.lists(st.integers(2, 8), min_size=1, max_size=4), st.floats(0.1, 20.0))
@@ -121,7 +114,7 @@ def test_committed_codec_reconstructions_are_recognized(codec, spoken, judge):
 def test_save_load_round_trip_gives_identical_encodings(codec, spoken, tmp_path):
     waves, _ = spoken
     codec.save(tmp_path / "c.pt")
-    again = fsq.AudioCodec.load(tmp_path / "c.pt")
+    again = fsq.load_audio_codec(tmp_path / "c.pt")
     assert torch.load(tmp_path / "c.pt", weights_only=True)["format"] == fsq.FORMAT_AUDIO
     batch = waves[:8]
     assert np.array_equal(codec.encode_batch(batch), again.encode_batch(batch))
@@ -131,16 +124,16 @@ def test_save_load_round_trip_gives_identical_encodings(codec, spoken, tmp_path)
 
 
 def test_adapters_explain_a_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not found.*train-audio"):
+    with pytest.raises(FileNotFoundError, match=r"audio codec file .* not found.*lab.tokenizers"):
         fsq.load_audio_codec(tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match=r"not found.*train-image"):
+    with pytest.raises(FileNotFoundError, match=r"image autoencoder file .* not found"):
         fsq.load_image_tokenizer(tmp_path / "nope.pt")
 
 
 def test_adapters_explain_a_wrong_format(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="not a checkpoint of an audio codec"):
         fsq.load_audio_codec(text)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
@@ -152,50 +145,24 @@ def test_adapters_explain_a_wrong_format(tmp_path):
     archive = tmp_path / "empty.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("hello.txt", "hi")
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="not a checkpoint of an image autoencoder"):
         fsq.load_image_tokenizer(archive)
 
 
-def test_torchscript_export_of_our_codec_loads_through_the_adapter(codec, spoken, tmp_path):
-    waves, _ = spoken
-    fsq.export_torchscript(codec, tmp_path / "codec.ts")
-    scripted = fsq.load_audio_codec(tmp_path / "codec.ts", fsq.file_sha256(tmp_path / "codec.ts"))  # vouched for
-    assert isinstance(scripted, fsq.ScriptedAudioCodec)
-    assert (scripted.vocab_size, scripted.tokens_per_clip) == (codec.vocab_size, codec.tokens_per_clip)
-    assert (scripted.sample_rate, scripted.clip_seconds) == (codec.sample_rate, codec.clip_seconds)
-    ids = scripted.encode_batch(waves[:4])
-    assert np.array_equal(ids, codec.encode_batch(waves[:4]))
-    assert np.allclose(scripted.decode(ids[0]), codec.decode(ids[0]), atol=1e-4)
+def test_a_torchscript_file_is_never_loaded_and_a_recorded_hash_must_match(codec, tmp_path, monkeypatch):
+    from lab.torchscript import export_torchscript
 
-
-def test_a_torchscript_file_nobody_vouches_for_is_never_run(codec, tmp_path, monkeypatch):
-    fsq.export_torchscript(codec, tmp_path / "codec.ts")
+    export_torchscript(codec, tmp_path / "codec.ts")
 
     def refuse(*args, **kwargs):
-        raise AssertionError("torch.jit.load ran on an unvouched file")
+        raise AssertionError("torch.jit.load ran")
 
     monkeypatch.setattr(torch.jit, "load", refuse)
-    with pytest.raises(ValueError, match="TorchScript program, and nothing vouches for it"):
-        fsq.load_audio_codec(tmp_path / "codec.ts")
+    with pytest.raises(ValueError, match="is a TorchScript program"):
+        fsq.load_audio_codec(tmp_path / "codec.ts", fsq.file_sha256(tmp_path / "codec.ts"))
     with pytest.raises(ValueError, match="not the file this run was trained with"):
-        fsq.load_audio_codec(tmp_path / "codec.ts", "0" * 64)
-    with pytest.raises(ValueError, match="not the file this run was trained with"):  # a weights-only file too
         fsq.load_audio_codec(ROOT / "assets" / "audio_codec.pt", "0" * 64)
-
-
-def test_user_image_arrays_are_read_without_pickles(tmp_path):
-    evil = tmp_path / "images.npz"
-    np.savez(evil, images=np.array([object()], dtype=object))  # an object array is stored as a pickle
-    with pytest.raises(ValueError, match="allow_pickle"):
-        fsq.load_images(str(evil), 8)
-
-
-def test_torchscript_module_without_the_contract_is_rejected(tmp_path):
-    with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "lin.ts"))
-    with pytest.raises(ValueError, match="lacks encode, decode"):
-        fsq.load_audio_codec(tmp_path / "lin.ts", fsq.file_sha256(tmp_path / "lin.ts"))
+    assert fsq.load_audio_codec(ROOT / "assets" / "audio_codec.pt", fsq.file_sha256(ROOT / "assets" / "audio_codec.pt"))
 
 
 def test_image_autoencoder_round_trips_and_exports(tmp_path):
@@ -207,21 +174,6 @@ def test_image_autoencoder_round_trips_and_exports(tmp_path):
     assert model.decode(ids).shape == images.shape
     model.save(tmp_path / "ae.pt")
     assert np.array_equal(fsq.load_image_tokenizer(tmp_path / "ae.pt").encode(images), ids)
-    fsq.export_torchscript(model, tmp_path / "ae.ts")
-    scripted = fsq.load_image_tokenizer(tmp_path / "ae.ts", fsq.file_sha256(tmp_path / "ae.ts"))
-    assert isinstance(scripted, fsq.ScriptedImageTokenizer)
-    assert np.array_equal(scripted.encode(images), ids)
-    assert np.allclose(scripted.decode(ids), model.decode(ids), atol=1e-5)
-
-
-def test_image_autoencoder_learns_a_little():
-    images, _, _ = fsq.default_images(size=16)
-    cfg = fsq.ImageAEConfig(image_size=16, width=16)
-    tc = fsq.TrainConfig(steps=150, batch=16, lr=3e-3, warmup=10, log_every=1000)
-    model = fsq.train_image_autoencoder(images[:256], cfg, tc, log=lambda s: None)
-    x = images[256:320]
-    mse = np.mean((model.decode(model.encode(x)) - x) ** 2)
-    assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)  # well below predicting the mean image
 
 
 # --- judges ---------------------------------------------------------------------------------------------
@@ -232,13 +184,6 @@ def test_speech_judge_recognizes_clean_clips(spoken, judge):
     pick = np.nonzero((meta["voices"] == "awb") & (meta["rates"] == 0.95) & (meta["pitches"] == 135.0))[0]
     assert judge.accuracy([waves[i] for i in pick], meta["labels"][pick], int(meta["sample_rate"])) >= 0.9
     assert judge.recognize(np.zeros(6000, dtype=np.float32), 12000) in ("", *DIGIT_WORDS)
-
-
-def test_audio_classifier_judge_on_unseen_conditions(spoken):
-    waves, meta = spoken
-    train, test = np.nonzero(meta["split"] == "train")[0], np.nonzero(meta["split"] == "test")[0]
-    j = AudioClassifierJudge(int(meta["sample_rate"])).fit([waves[i] for i in train], meta["labels"][train])
-    assert j.accuracy([waves[i] for i in test], meta["labels"][test]) > 0.85
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import mdm
 from mdm import MODALITIES, TASKS, Schedule, Vocab
+from model import PRESETS, Denoiser, ModelConfig, embed_codes, model_summary
 
 SCHEDULES = [
     Schedule("linear"),
@@ -387,10 +388,10 @@ def test_dividing_by_the_masked_count_is_biased() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiny_model(seed: int = 0, causal: bool = False) -> mdm.Denoiser:
+def _tiny_model(seed: int = 0, causal: bool = False) -> Denoiser:
     torch.manual_seed(seed)
-    cfg = mdm.ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, causal=causal)
-    model = mdm.Denoiser(cfg, VOCAB)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64, causal=causal)
+    model = Denoiser(cfg, VOCAB)
     torch.nn.init.normal_(model.unembed.weight, std=0.5)  # non-uniform outputs for the tests
     return model
 
@@ -457,7 +458,7 @@ def test_nll_at_agrees_with_full_logits_and_touches_masked_positions_only() -> N
 
 def test_initial_loss_is_log_of_the_sub_vocabulary_size() -> None:
     torch.manual_seed(0)
-    model = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64), VOCAB)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=2, n_heads=4, max_len=64), VOCAB)
     x0 = VOCAB.to_global(torch.randint(0, 17, (2, 12)), "image")
     c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), VOCAB, Schedule("linear"))
     nll = model.nll_at(c.x_t, c.x0, c.masked)
@@ -492,18 +493,18 @@ def test_sequence_longer_than_max_len_is_rejected() -> None:
 def test_presets_build_and_report_parameter_counts() -> None:
     vocab = Vocab(text=4096, audio=875, image=17)
     body, total = {}, {}
-    for name, cfg in mdm.PRESETS.items():
+    for name, cfg in PRESETS.items():
         with torch.device("meta"):  # no memory: the 3B preset is only counted
-            model = mdm.Denoiser(cfg, vocab)
+            model = Denoiser(cfg, vocab)
         body[name], total[name] = model.num_parameters(body_only=True), model.num_parameters()
-        assert "M parameters" in mdm.model_summary(model)
+        assert "M parameters" in model_summary(model)
     assert 1e6 <= total["tiny"] <= 3e6
     nominal = {"small": 25e6, "base": 125e6, "medium": 350e6, "large": 1e9, "xl": 3e9}
     for name, n in nominal.items():
         assert 0.9 * n <= body[name] <= 1.1 * n, (name, body[name])
     assert list(total.values()) == sorted(total.values())
     with pytest.raises(ValueError, match="divisible"):
-        mdm.ModelConfig(d_model=30, n_heads=4)
+        ModelConfig(d_model=30, n_heads=4)
 
 
 def test_drop_segments_hides_and_unsupervises_whole_segments() -> None:
@@ -589,10 +590,10 @@ def test_reveal_segments_gives_a_conditional_nelbo() -> None:
 
 
 def test_embed_codes_adds_a_linear_image_of_the_codes_to_one_block_only() -> None:
-    model = mdm.Denoiser(mdm.ModelConfig(d_model=16, n_layers=1, n_heads=2), VOCAB)
+    model = Denoiser(ModelConfig(d_model=16, n_layers=1, n_heads=2), VOCAB)
     before = model.embed.weight.detach().clone()
     codes = torch.rand(VOCAB.image, 3)
-    mdm.embed_codes(model, "image", codes, torch.Generator().manual_seed(0))
+    embed_codes(model, "image", codes, torch.Generator().manual_seed(0))
     delta = model.embed.weight.detach() - before
     s = VOCAB.block_start("image")
     block = delta[s : s + VOCAB.image]
@@ -606,8 +607,20 @@ def test_embed_codes_adds_a_linear_image_of_the_codes_to_one_block_only() -> Non
     outside[s : s + VOCAB.image] = False
     assert torch.equal(delta[outside], torch.zeros_like(delta[outside]))
     with pytest.raises(ValueError, match="one row per token"):
-        mdm.embed_codes(model, "audio", torch.rand(VOCAB.audio + 1, 2))
+        embed_codes(model, "audio", torch.rand(VOCAB.audio + 1, 2))
     with pytest.raises(ValueError, match="media embeddings"):
-        mdm.embed_codes(model, "video", codes)
+        embed_codes(model, "video", codes)
     with pytest.raises(ValueError, match="media embeddings"):
-        mdm.embed_codes(model, "text", torch.rand(VOCAB.text, 3))
+        embed_codes(model, "text", torch.rand(VOCAB.text, 3))
+
+
+def test_each_rows_stratified_t_is_marginally_uniform() -> None:
+    """Stratified t covers the window evenly, and each row's t is uniform on its own (so is its estimate)."""
+    g = torch.Generator().manual_seed(0)
+    n, draws = 4, 4000
+    first_row = torch.stack([mdm.sample_times(n, 0.0, True, g)[0] for _ in range(draws)])
+    counts = torch.histc(first_row.float(), bins=n, min=0, max=1)
+    assert (counts - draws / n).abs().max() < 4 * (draws / n) ** 0.5, counts  # every stratum, not only the first
+    for _ in range(10):
+        batch = mdm.sample_times(n, 0.0, True, g)
+        assert sorted((batch * n).floor().long().tolist()) == list(range(n)), "one t per stratum"

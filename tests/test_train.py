@@ -1,9 +1,11 @@
-"""Tests of train.py: exact resume, DDP equivalence, learning, checkpoint errors, configuration."""
+"""Tests of train.py and checkpoint.py: exact resume, DDP equivalence, learning, the export, errors, configuration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import data
 import mdm
 import train
+from distributed import Dist
+from model import Denoiser, ModelConfig, embed_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +61,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in range(6, 13):
         assert a[step] == b[step], (step, a[step], b[step])
-    ckpt = train.read_checkpoint(part / "ckpt.pt")
+    ckpt = checkpoint.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 12 and ckpt["data"]["step"] == 12
 
 
@@ -71,10 +77,10 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
     assert (out / "metrics.jsonl").read_text() == before, "nothing was restarted"
     ckpt.write_text("not a checkpoint at all")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.read_checkpoint(ckpt)
+        checkpoint.read_checkpoint(ckpt)
     torch.save({"hello": torch.zeros(1)}, ckpt)
     with pytest.raises(ValueError, match="not a trimodal-mdm checkpoint"):
-        train.read_checkpoint(ckpt)
+        checkpoint.read_checkpoint(ckpt)
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main([f"--resume={tmp_path / 'missing.pt'}"])
 
@@ -180,10 +186,12 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_p
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (step, a[step], b[step])
-    # The shards gather into the same model as the one-process run (EMA weights).
-    full, sharded = train.load_for_inference(one / "ckpt.pt"), train.load_for_inference(two / "ckpt")
+    # The shards gather into the same model as the one-process run (EMA weights). Adam divides each gradient by
+    # its running RMS, so float-level differences in how one and two processes sum the gradients grow to a few
+    # 1e-6 in rarely updated embedding rows: far below one step's update (lr 1e-3), far above a gathering error.
+    full, sharded = checkpoint.load_for_inference(one / "ckpt.pt"), checkpoint.load_for_inference(two / "ckpt")
     for (name, p), q in zip(full.model.named_parameters(), sharded.model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(p, q, rtol=1e-4, atol=2e-5), name
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,129 +213,99 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, mon
 
 
 def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
-    cfg, over = train.parse_config(["--lr=1e-3", "--anti_masking", "false", "--preset=small", "--batch-size=32"])
+    options, resume = train.parse_options(["--lr=1e-3", "--anti_masking", "false", "--preset=small", "--batch-size=32"])
+    cfg, data_cfg = train.split_options(
+        {**options, "seq_len": 64, "audio_speeds": (0.9,)}, train.TrainConfig(), data.DataConfig()
+    )
     assert cfg.lr == 1e-3 and cfg.anti_masking is False and cfg.preset == "small" and cfg.batch_size == 32
-    assert over["resume"] == ""
+    assert data_cfg.seq_len == 64 and data_cfg.audio_speeds == (0.9,) and resume == ""
+    assert train.parse_options(["--compile"])[0] == {"compile": True}, "a bare boolean flag is true"
+    assert train.parse_options(["--text_files=a.txt,b.jsonl"])[0] == {"text_files": ("a.txt", "b.jsonl")}
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"lr": 5e-4, "seq_len": 128}))
-    cfg, _ = train.parse_config([f"--config={path}", "--seq_len=64"])
-    assert cfg.lr == 5e-4 and cfg.seq_len == 64, "the command line wins over the file"
-    with pytest.raises(ValueError, match="unknown option --lrr"):
-        train.parse_config(["--lrr=1"])
-    with pytest.raises(ValueError, match="cannot read 'abc' as float"):
-        train.parse_config(["--lr=abc"])
-    d = train.Dist(0, 2, 0, torch.device("cpu"))
+    path.write_text(json.dumps({"lr": 5e-4, "seq_len": 128, "audio_speeds": [0.9, 1.1]}))
+    options, _ = train.parse_options([f"--config={path}", "--seq_len=64"])
+    assert options == {"lr": 5e-4, "seq_len": 64, "audio_speeds": (0.9, 1.1)}, "the command line wins over the file"
+    path.write_text(json.dumps({"lrr": 1}))
+    with pytest.raises(ValueError, match="unknown option 'lrr'"):
+        train.parse_options([f"--config={path}"])
+    d = Dist(0, 2, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="must be even"):
         train.validate(train.TrainConfig(batch_size=7), d)
     with pytest.raises(ValueError, match="does not divide"):
         train.validate(train.TrainConfig(batch_size=16, micro_batch=3), d)
     with pytest.raises(ValueError, match="unknown preset"):
-        train.TrainConfig(preset="huge").model_config()
+        train.TrainConfig(preset="huge").model_config(48)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batch_size=64.9"], "--batch_size/--batch-size: invalid int value: '64.9'"),
+        (["--lr=fast"], "--lr: invalid float value: 'fast'"),
+        (["--anti_masking=maybe"], "--anti_masking/--anti-masking: invalid bool value: 'maybe'"),
+        (["--audio_speeds=0.9,fast"], "--audio_speeds/--audio-speeds: invalid tuple[float, ...] value"),
+        (["--lrr=1"], "unrecognized arguments: --lrr=1"),
+        (["--lr"], "--lr: expected one argument"),
+    ],
+)
+def test_a_value_that_does_not_parse_is_an_error_naming_its_option(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.parse_options(argv)
+
+
+def test_help_prints_every_option_with_its_default_and_comment() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = "".join(done.stdout.split())  # argparse wraps lines (also after a hyphen): compare without spaces
+    for cls in (train.TrainConfig, data.DataConfig):
+        helps = train.option_help(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name in helps, f"{cls.__name__}.{f.name} needs a one-line comment: what --help prints"
+            assert f"--{f.name}" in text and "".join(f"{helps[f.name]} (default: {f.default})".split()) in text, f.name
 
 
 def test_parameter_groups_cover_the_model_with_depth_factors() -> None:
     vocab = mdm.Vocab(text=50, audio=20, image=17)
-    model = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab)
     cfg = train.TrainConfig(depth_factor=0.25, lr_embed=4.0)
-    groups = {g["name"]: g for g in train.param_groups(model, cfg, cfg.optim_settings())}
+    groups = {g["name"]: g for g in train.param_groups(model, cfg, cfg.settings())}
     assert groups["embedding"]["lr_mult"] == 4.0
     assert [groups[f"block{i}.mlp"]["lr_mult"] for i in range(3)] == [1.0, 0.5, 0.25]
     assert groups["block1.norms"]["weight_decay"] == 0.0 and groups["block1.mlp"]["weight_decay"] == 0.1
 
 
-def test_pair_rows_are_conditional_unconditional_or_joint(tmp_path: Path) -> None:
-    import data as data_lib
-
-    vocab = mdm.Vocab(text=30, audio=12, image=17)
-    layout = data_lib.Layout(vocab, 40, 8, 6)
-    rows = [layout.pair_row("image_text", torch.arange(8) % 17, torch.tensor([1, 2, 3])) for _ in range(3000)]
-    ids = torch.stack(rows)
-    batch = data_lib.Batch(ids, torch.zeros_like(ids, dtype=torch.bool), torch.full((3000,), 1), vocab.modality_of(ids))
-    given, hidden = train.segment_roles(batch, layout, 0.5, 0.1, torch.Generator().manual_seed(0))
-    assert not (given & hidden).any()
-    media, text = layout.media_slot("image_text"), layout.text_slot("image_text")
-    for mask in (given, hidden):  # a whole segment or nothing
-        for seg in (media, text):
-            part = mask[:, seg]
-            assert (part.all(1) | ~part.any(1)).all()
-        assert not mask[:, : media.start].any(), "TASK and BOS_image are never picked"
-    assert abs(given.any(1).float().mean() - 0.5) < 0.04 and abs(hidden.any(1).float().mean() - 0.1) < 0.02
-    assert abs(given[:, media].all(1).float().mean() - 0.25) < 0.03, "media and text equally often"
-    # p_media: conditional rows show the media (captioning) that often; unconditional rows stay 1/2
-    given, hidden = train.segment_roles(batch, layout, 0.5, 0.1, torch.Generator().manual_seed(1), p_media=0.8)
-    assert abs(given[:, media].all(1).float().mean() - 0.4) < 0.03
-    assert abs(given[:, text].all(1).float().mean() - 0.1) < 0.02
-    assert abs(hidden[:, media].all(1).float().mean() - 0.05) < 0.015
-    with pytest.raises(ValueError, match="summing to at most 1"):
-        train.validate(train.TrainConfig(cond_keep=0.8, cond_drop=0.3), train.Dist(0, 1, 0, torch.device("cpu")))
-
-
 @pytest.mark.parametrize("anti_masking", [False, True])
-def test_recognition_rows_condition_on_augmented_copies_and_nothing_else_changes(anti_masking: bool) -> None:
-    import data as data_lib
-
+def test_the_forward_process_applies_each_rows_role(anti_masking: bool) -> None:
     vocab = mdm.Vocab(text=30, audio=12, image=17)
-    layout = data_lib.Layout(vocab, 24, 4, 6)
-    media = layout.media_slot("audio_text")
-    n = 4000
-    ids = torch.stack([layout.pair_row("audio_text", torch.arange(6) % 12, torch.tensor([1, 2, 3]))] * n)
-    copies = torch.stack([layout.pair_row("audio_text", torch.full((6,), k), torch.tensor([1, 2, 3])) for k in (7, 9)])
-    pad = torch.zeros_like(ids, dtype=torch.bool)
-    batch = data_lib.Batch(ids, pad, torch.full((n,), 2), vocab.modality_of(ids), copies.expand(n, 2, -1))
-    cfg = train.TrainConfig(cond_keep=0.7, cond_drop=0.1, anti_masking=anti_masking)
-    c = train.corrupt_batch(batch, layout, cfg, step=0, seed=0)
-    assert len(c.x0) == (2 * n if anti_masking else n)  # anti-masking: each row and its complement
-    without = data_lib.Batch(batch.ids, batch.pad, batch.task, batch.modality)  # the same rows, no copies
-    plain = train.corrupt_batch(without, layout, cfg, step=0, seed=0)
-    changed = (c.x0 != plain.x0).any(1)
-    # given segments leave the loss (not maskable) and stay clean; hidden ones leave it as MASK
-    media_given = ~plain.maskable[:, media].any(1) & (plain.x_t[:, media] == plain.x0[:, media]).all(1)
-    # only rows whose media is given clean change, only in the media, and to one of the copies
-    assert not (changed & ~media_given).any()
-    assert torch.equal((c.x0 != plain.x0)[:, media].any(1), changed)
-    assert not (c.x0 != plain.x0)[:, : media.start].any() and not (c.x0 != plain.x0)[:, media.stop :].any()
-    picked = c.x0[changed][:, media.start]
-    assert set(picked.tolist()) == {int(vocab.to_global(torch.tensor(k), "audio")) for k in (7, 9)}
-    # the given media is clean and unsupervised; everything the row predicts is as before
-    assert torch.equal(c.masked, plain.masked) and torch.equal(c.weight, plain.weight)
-    assert torch.equal(c.x_t[changed][:, media], c.x0[changed][:, media])
-    frac = changed.float().sum() / media_given.float().sum()
-    assert abs(frac - 2 / 3) < 0.05, "the original and each of K = 2 copies equally often"
-
-
-def test_options_a_checkpoint_predates_take_the_values_its_run_used() -> None:
-    old = dict(vars(train.TrainConfig()))
-    for key in train.LEGACY_DEFAULTS:
-        del old[key]
-    cfg = train.config_from_checkpoint({"config": old})
-    assert cfg.audio_speeds == "" and cfg.speeds() == ()  # no speed copies: the run never had them
-    assert cfg.cond_media == 0.5 and cfg.code_init is False
-    assert train.config_from_checkpoint({"config": vars(train.TrainConfig())}) == train.TrainConfig()
-
-
-@pytest.mark.parametrize(
-    "option,message",
-    [
-        ({"cond_media": 1.5}, "--cond_media is a probability"),
-        ({"audio_speeds": "0.9,fast"}, "comma-separated factors"),
-        ({"audio_speeds": "0.9,3"}, r"lie in \[0.5, 2.0\]"),
-    ],
-)
-def test_bad_conditioning_options_are_clear_errors(option: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        train.validate(train.TrainConfig(**option), train.Dist(0, 1, 0, torch.device("cpu")))
+    layout = data.Layout(vocab, 24, 4, 6)
+    media, text = layout.media_slot("audio_text"), layout.text_slot("audio_text")
+    ids = torch.stack([layout.pair_row("audio_text", torch.arange(6) % 12, torch.tensor([1, 2, 3]))] * 3)
+    given, hidden = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+    given[0, media], hidden[1, text] = True, True  # row 0 transcribes its clip, row 1 is unconditional, row 2 joint
+    batch = data.Batch(ids, torch.zeros_like(given), torch.full((3,), 2), vocab.modality_of(ids), given, hidden)
+    c = train.corrupt_batch(batch, vocab, train.TrainConfig(anti_masking=anti_masking), step=0)
+    rows = [0, 3] if anti_masking else [0]  # a row and its anti-masked complement share the role
+    assert len(c.x0) == (6 if anti_masking else 3)
+    for r in rows:
+        assert torch.equal(c.x_t[r, media], c.x0[r, media]) and not c.maskable[r, media].any(), "given: clean, unscored"
+        assert c.maskable[r, text].all()
+    for r in [r + 1 for r in rows]:
+        assert vocab.is_mask(c.x_t[r, text]).all() and not c.maskable[r, text].any(), "hidden: masked, unscored"
+    assert c.maskable[2].sum() == ids.shape[1] - 1, "joint: every data position"
+    if anti_masking:  # the two copies of each row partition its scored positions
+        assert not (c.masked[:3] & c.masked[3:]).any() and torch.equal(c.masked[:3] | c.masked[3:], c.maskable[:3])
 
 
 def test_media_embeddings_start_from_codes_on_a_fresh_run_only(tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
-    real = mdm.embed_codes
+    real = embed_codes
 
     def counting(model, modality, codes, generator=None):
         calls.append(modality)
         assert codes.shape[0] == model.vocab.content_size(modality)  # one code per token of the block
         return real(model, modality, codes, generator)
 
-    monkeypatch.setattr(mdm, "embed_codes", counting)
+    monkeypatch.setattr(train, "embed_codes", counting)
     out = tmp_path / "run"
     train.main([*SMALL, f"--tokens={4 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0", "--max_steps=2"])
     assert sorted(calls) == ["audio", "image"]
@@ -342,14 +320,14 @@ def expected_error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     bad = tmp / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))  # not UTF-8
     truncated = tmp / "truncated.pt"
-    torch.save({"format": train.CKPT_FORMAT, "weights": torch.zeros(1000)}, truncated)
+    torch.save({"format": checkpoint.CKPT_FORMAT, "weights": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
     return {
         "strict_bad_file": ([f"--text_files={bad}", "--strict=true"], "not UTF-8 text"),
         "truncated_resume": ([f"--resume={truncated}"], "truncated or corrupt"),
         "horizon_shorter_than_warmup": (["--tokens=3e5"], "must be shorter than the horizon"),
-        "unknown_option": (["--learning_rate=1"], "unknown option --learning_rate"),
-        "bad_value": (["--lr=fast"], "cannot read 'fast' as float"),
+        "unknown_option": (["--learning_rate=1"], "unrecognized arguments: --learning_rate=1"),
+        "bad_value": (["--batch_size=64.9"], "--batch_size/--batch-size: invalid int value: '64.9'"),
     }
 
 
@@ -388,7 +366,7 @@ def test_a_preempted_run_checkpoints_and_resumes_bit_identically(tmp_path: Path,
     proc.wait(timeout=120)
     log.close()
     assert proc.returncode == 128 + sig, (tmp_path / "stderr.txt").read_text()[-2000:]
-    stopped = train.read_checkpoint(cut / "ckpt.pt")["step"]
+    stopped = checkpoint.read_checkpoint(cut / "ckpt.pt")["step"]
     assert stopped >= 3 and max(losses(cut)) == stopped, "the checkpoint is of the last finished step"
     subprocess.run([*script, f"--resume={cut / 'ckpt.pt'}", "--max_steps=4"], env=env, check=True, capture_output=True)
     whole = tmp_path / "whole"
@@ -400,37 +378,60 @@ def test_a_preempted_run_checkpoints_and_resumes_bit_identically(tmp_path: Path,
     assert all(a[k] == b[k] for k in a), "bit-identical losses after the resume"
 
 
-def test_loading_runs_no_code_that_nothing_vouches_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_codec_is_loaded_only_as_tensors_and_only_the_one_recorded(tmp_path: Path) -> None:
     import fsq
+    from lab.torchscript import export_torchscript
 
     ts = tmp_path / "codec.ts"
-    fsq.export_torchscript(fsq.load_audio_codec(), ts)
-    out = tmp_path / "run"  # a run that names a TorchScript codec itself: its hash is recorded
-    train.main([*SMALL, f"--tokens={5 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0", f"--audio_codec={ts}"])
-    ckpt = train.read_checkpoint(out / "ckpt.pt")
-    assert ckpt["audio_codec_sha256"] == fsq.file_sha256(ts)
-    assert isinstance(train.load_for_inference(out / "ckpt.pt").audio_codec, fsq.ScriptedAudioCodec)
-
-    jit_loads: list[str] = []
-    real = torch.jit.load
-    monkeypatch.setattr(torch.jit, "load", lambda path, *a, **k: jit_loads.append(str(path)) or real(path, *a, **k))
-    unvouched = tmp_path / "unvouched.pt"
-    torch.save({**ckpt, "audio_codec_sha256": ""}, unvouched)
-    with pytest.raises(ValueError, match="nothing vouches for it"):
-        train.load_for_inference(unvouched)
+    export_torchscript(fsq.load_audio_codec(), ts)
+    with pytest.raises(SystemExit, match="is a TorchScript program"):  # a program is never loaded, named or not
+        train.main([*SMALL, f"--out_dir={tmp_path / 'ts'}", f"--audio_codec={ts}"])
+    out = tmp_path / "run"
+    train.main([*SMALL, f"--tokens={5 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0"])
+    ckpt = checkpoint.read_checkpoint(out / "ckpt.pt")
+    assert ckpt["audio_codec_sha256"] == fsq.file_sha256(fsq.DEFAULT_AUDIO_CODEC)
     swapped = tmp_path / "swapped.pt"
     torch.save({**ckpt, "audio_codec_sha256": "0" * 64}, swapped)
     with pytest.raises(ValueError, match="not the file this run was trained with"):
-        train.load_for_inference(swapped)
-    assert jit_loads == [], "no TorchScript file was loaded"
-    # the user names the codec: it is theirs to trust
-    assert isinstance(train.load_for_inference(unvouched, audio_codec=str(ts)).audio_codec, fsq.ScriptedAudioCodec)
-    assert jit_loads == [str(ts)]
-    # resuming names nothing new: the recorded hash must match, and a codec named on the command line must be it
-    other = tmp_path / "other.ts"
-    other.write_bytes(ts.read_bytes() + b"\0")
+        checkpoint.load_for_inference(swapped)
+    other = tmp_path / "other.pt"  # a moved copy of the codec is fine; another codec is not
+    other.write_bytes(fsq.DEFAULT_AUDIO_CODEC.read_bytes())
+    assert checkpoint.load_for_inference(out / "ckpt.pt", audio_codec=str(other)).step == 5
+    fsq.AudioCodec(fsq.AudioCodecConfig(channels=8, res_blocks=1)).save(other)
+    with pytest.raises(ValueError, match="not the file this run was trained with"):
+        checkpoint.load_for_inference(out / "ckpt.pt", audio_codec=str(other))
     with pytest.raises(SystemExit, match="not the one this checkpoint was trained with"):
         train.main([f"--resume={out / 'ckpt.pt'}", f"--audio_codec={other}"])
+
+
+def test_the_export_loads_with_model_and_data_alone_and_gives_the_checkpoints_logits(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train.main([*SMALL, f"--tokens={5 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0"])
+    code = f"""
+import json, sys, torch
+from safetensors.torch import load_file
+from data import Layout, TextTokenizer
+from model import Denoiser, ModelConfig
+
+folder = {str(out / "export")!r}
+config = json.load(open(folder + "/config.json"))
+layout = Layout.from_dict(config["layout"])
+model = Denoiser(ModelConfig(**config["model"]), layout.vocab)
+model.load_state_dict(load_file(folder + "/model.safetensors"))
+tokenizer = TextTokenizer.load(folder + "/text_bpe.tiktoken")
+x = torch.load({str(tmp_path / "x.pt")!r})
+torch.save(model(x), {str(tmp_path / "logits.pt")!r})
+assert not {{"train", "checkpoint", "sample", "evaluate"}} & set(sys.modules), "the export needs none of them"
+"""
+    inf = checkpoint.load_for_inference(out / "ckpt.pt")  # EMA weights, as in the export
+    test = data.build_data(dataclasses.replace(inf.data_config, audio_speeds=()))
+    x = data.BatchIterator(test, "test", 8, train.TrainConfig().ratios).batch(0).ids
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), inf.model(x)), "exactly the checkpoint's logits"
+    again = checkpoint.load_for_inference(out / "export")  # the export is also a checkpoint for sample.py
+    assert again.step == inf.step and again.data_config.audio_speeds == inf.data_config.audio_speeds
 
 
 class Payload:
@@ -444,7 +445,20 @@ def test_a_checkpoint_with_a_pickled_program_is_refused_unrun(tmp_path: Path, mo
     mark = tmp_path / "ran"
     monkeypatch.setenv("PAYLOAD_MARK", str(mark))
     evil = tmp_path / "evil.pt"
-    torch.save({"format": train.CKPT_FORMAT, "step": Payload()}, evil)
+    torch.save({"format": checkpoint.CKPT_FORMAT, "step": Payload()}, evil)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.read_checkpoint(evil)
+        checkpoint.read_checkpoint(evil)
     assert not mark.exists(), "the payload did not run"
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        ("--cond_media=1.5", "cond_keep, cond_drop and cond_media are probabilities"),
+        ("--cond_keep=0.95", r"cond_keep \+ cond_drop <= 1; got 0.95"),
+        ("--audio_speeds=0.9,3", r"speed factors must lie in \[0.5, 2.0\]"),
+    ],
+)
+def test_impossible_recipes_are_one_line_errors(tmp_path: Path, option: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=f"train.py: error: .*{message}"):
+        train.main([*SMALL, f"--out_dir={tmp_path}", option])

@@ -1,13 +1,13 @@
 """Speed and memory benchmarks: how close the model runs to what the machine can do, and where it loses.
 
-    python bench.py                      # everything, "full" size (~10-15 min on 2 CPU cores)
-    python bench.py --quick              # the same sections on tiny shapes (seconds; what the tests run)
-    python bench.py --only train,profile # some sections: matmul, train, logits, antimask, profile, sampling, memory
-    python bench.py --threads 1          # on a machine shared with other jobs (2 threads each thrash 2 cores)
-    python bench.py --only train --repeats 12   # more interleaved rounds when the machine is noisy
-    python bench.py --json out.json      # also write the raw results
-    python bench.py --markdown           # print the block that BENCHMARKS.md holds, ready to paste
-    python bench.py --checkpoint runs/tiny/ckpt.pt --only sampling   # sample from a trained model
+    python -m lab.bench                      # everything, "full" size (~10-15 min on 2 CPU cores)
+    python -m lab.bench --quick              # the same sections on tiny shapes (seconds; what the tests run)
+    python -m lab.bench --only train,profile # some sections: matmul, train, logits, antimask, profile, sampling, memory
+    python -m lab.bench --threads 1          # on a machine shared with other jobs (2 threads each thrash 2 cores)
+    python -m lab.bench --only train --repeats 12   # more interleaved rounds when the machine is noisy
+    python -m lab.bench --json out.json      # also write the raw results
+    python -m lab.bench --markdown           # print the block that BENCHMARKS.md holds, ready to paste
+    python -m lab.bench --checkpoint runs/tiny/ckpt.pt --only sampling   # sample from a trained model
 
 Every figure is a median over repeats, and every ratio compares variants measured *in the same run*,
 interleaved round by round (variant A, variant B, A, B, ...), because a shared machine's speed drifts
@@ -80,9 +80,12 @@ from torch import Tensor, nn
 import data as data_lib
 import mdm
 import train
+from checkpoint import load_for_inference
+from distributed import Dist, wrap
+from model import PRESETS, Denoiser, ModelConfig
 
 SECTIONS: tuple[str, ...] = ("matmul", "train", "logits", "antimask", "profile", "sampling", "memory")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, where the lab runs from
 
 # ----------------------------------------------------------------------------------------------
 # 1. Timing
@@ -228,8 +231,6 @@ class Shape:
             d_model=self.d_model,
             n_layers=self.n_layers,
             n_heads=self.n_heads,
-            seq_len=self.seq_len,
-            text_vocab=min(self.text_vocab, 4096),
             batch_size=self.batch,
             **overrides,
         )
@@ -237,8 +238,11 @@ class Shape:
             cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)
         return cfg
 
-    def model_config(self) -> mdm.ModelConfig:
-        return self.train_config().model_config()
+    def data_config(self) -> data_lib.DataConfig:
+        return data_lib.DataConfig(seq_len=self.seq_len, text_vocab=min(self.text_vocab, 4096))
+
+    def model_config(self) -> ModelConfig:
+        return self.train_config().model_config(self.seq_len)
 
     @property
     def tokens(self) -> int:
@@ -251,7 +255,7 @@ class Shape:
 
 
 def full_shapes(device: torch.device) -> list[Shape]:
-    """The full run's shapes. ``plan1M`` / ``plan6M`` match DESIGN.md's planning measurements."""
+    """The full run's shapes: the default step, two planning shapes (~1M, ~6M parameters), the small preset."""
     tiny = default_shape(repeats=10 if device.type == "cuda" else 7)
     if device.type == "cuda":
         return [
@@ -269,26 +273,26 @@ def full_shapes(device: torch.device) -> list[Shape]:
 
 def default_shape(repeats: int, batch: int = 0) -> Shape:
     """The step of ``python train.py`` with no arguments (its TrainConfig defaults), optionally with fewer rows."""
-    d = train.TrainConfig()
+    d, dc = train.TrainConfig(), data_lib.DataConfig()
     note = "`python train.py` default step" if not batch else f"`python train.py` defaults, batch {batch} (quick)"
-    return Shape("tiny", d.preset, d.seq_len, d.text_vocab, batch or d.batch_size, repeats=repeats, note=note)
+    return Shape("tiny", d.preset, dc.seq_len, dc.text_vocab, batch or d.batch_size, repeats=repeats, note=note)
 
 
 def quick_shapes() -> list[Shape]:
-    seq = train.TrainConfig().seq_len
+    seq = data_lib.DataConfig().seq_len
     return [
         default_shape(repeats=2, batch=8),
         Shape("small", "tiny", seq, 1024, 4, d_model=64, n_layers=2, n_heads=2, repeats=2, note="stand-in (quick)"),
     ]
 
 
-def linear_weights_per_layer(cfg: mdm.ModelConfig) -> int:
+def linear_weights_per_layer(cfg: ModelConfig) -> int:
     """Matmul weights of one block: qkv 3d^2, attention out d^2, gate_up 2dh, down hd."""
     d, h = cfg.d_model, cfg.mlp_hidden
     return 4 * d * d + 3 * d * h
 
 
-def step_flops(cfg: mdm.ModelConfig, tokens: int, seq_len: int, unembed_columns: float) -> float:
+def step_flops(cfg: ModelConfig, tokens: int, seq_len: int, unembed_columns: float) -> float:
     """Model FLOPs of one training step (see the module docstring for the formula)."""
     body = 6 * cfg.n_layers * linear_weights_per_layer(cfg) * tokens
     attention = 12 * cfg.n_layers * cfg.d_model * seq_len * tokens
@@ -327,7 +331,8 @@ class SyntheticText:
         local = torch.randint(v.text, (self.rows, L - 1), generator=g)
         ids = torch.cat([torch.full((self.rows, 1), v.task("text")), v.to_global(local, "text")], dim=1)
         task = torch.full((self.rows,), mdm.TASKS.index("text"))
-        return data_lib.Batch(ids, torch.zeros_like(ids, dtype=torch.bool), task, v.modality_of(ids))
+        none = torch.zeros_like(ids, dtype=torch.bool)
+        return data_lib.Batch(ids, none, task, v.modality_of(ids), none, none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +411,7 @@ class NaiveNLL(nn.Module):
     """The textbook loss head: full-vocabulary logits at *every* position (``Denoiser.forward``), then
     the cross-entropy gathered at the masked ones. Same value as ``Denoiser.nll_at``, more work."""
 
-    def __init__(self, model: mdm.Denoiser) -> None:
+    def __init__(self, model: Denoiser) -> None:
         super().__init__()
         self.model = model
 
@@ -447,20 +452,22 @@ class Workload:
             source = SyntheticText(shape.synthetic_text, shape.seq_len, shape.batch // (2 if cfg.anti_masking else 1))
             self.layout, self.batch_fn = source.layout, source.batch
         else:
-            data = load_data(cfg.data_config())
+            data = load_data(shape.data_config())
             unique = cfg.batch_size // 2 if cfg.anti_masking else cfg.batch_size
-            it = data_lib.BatchIterator(data, "train", unique, cfg.ratios, seed=cfg.seed)
+            roles = (cfg.cond_keep, cfg.cond_drop, cfg.cond_media)
+            it = data_lib.BatchIterator(data, "train", unique, cfg.ratios, cfg.seed, *roles)
             self.layout, self.batch_fn = data.layout, it.batch
         torch.manual_seed(cfg.seed)
-        self.model = mdm.Denoiser(cfg.model_config(), self.layout.vocab).to(device)
+        self.model = Denoiser(cfg.model_config(shape.seq_len), self.layout.vocab).to(device)
         self.attention, self.attention_note = attention_context(device), "PyTorch's default SDPA kernel"
         if device.type == "cuda":
             self.attention_note = self.probe_flash()
-        self.dist = train.Dist(0, 1, 0, device)
-        net = train.wrap(self.model, cfg, self.dist)  # compiles each block in place with cfg.compile
+        self.dist = Dist(0, 1, 0, device)
+        net = wrap(self.model, self.dist, fsdp=False, compile=cfg.compile)  # compiles each block in place
         self.net = NaiveNLL(self.model) if naive_logits else net
-        settings = cfg.optim_settings()
-        self.opt = train.make_optimizer(self.model, cfg, settings, device)
+        settings = cfg.settings()
+        groups = train.param_groups(self.model, cfg, settings)
+        self.opt = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True)
         self.ema = train.EMA(self.model, settings.ema)
         self.lr = settings.lr
         self.k = 0
@@ -477,11 +484,13 @@ class Workload:
             return f"default SDPA: flash refused ({str(e).splitlines()[0][:80]})"
 
     def prepare(self, k: int) -> mdm.Corrupted:
-        return train.corrupt_batch(self.batch_fn(k), self.layout, self.cfg, k, self.cfg.seed)
+        return train.corrupt_batch(self.batch_fn(k), self.layout.vocab, self.cfg, k)
 
     def compute(self, c: mdm.Corrupted, k: int) -> train.StepResult:
         with self.attention():
-            r = train.train_step(self.net, self.model, self.opt, c, self.cfg, self.dist, self.cfg.batch_size, self.lr)
+            r = train.train_step(
+                self.net, self.opt, c, self.model.vocab, self.cfg, self.dist, self.cfg.batch_size, self.lr
+            )
         self.ema.update(self.model, k)
         return r
 
@@ -761,13 +770,13 @@ def sampling_model(opts: Options) -> tuple[nn.Module, data_lib.Layout, data_lib.
     """A trained model (``--checkpoint``) or a randomly initialised tiny one on the default data layout."""
     device = opts.torch_device
     if opts.checkpoint:
-        inf = train.load_for_inference(opts.checkpoint, device=str(device))
+        inf = load_for_inference(opts.checkpoint, device=str(device))
         data = load_data(inf.data_config)
         return inf.model, inf.layout, data, f"checkpoint {opts.checkpoint} (step {inf.step}, EMA weights)"
     data = load_data(data_lib.DataConfig())
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = mdm.Denoiser(mdm.PRESETS["tiny"], data.vocab).to(device).eval()
+        model = Denoiser(PRESETS["tiny"], data.vocab).to(device).eval()
     return model, data.layout, data, "randomly initialised tiny Denoiser (no --checkpoint), default data layout"
 
 
@@ -828,22 +837,23 @@ def section_sampling(opts: Options) -> dict:
 
 def data_vocab(text_vocab: int) -> mdm.Vocab:
     """The vocabulary ``build_data`` makes for a text vocabulary (default image tokenizer, committed codec)."""
-    cfg = train.TrainConfig()
-    image = data_lib.PixelTokenizer(cfg.image_levels, cfg.image_patch) if hasattr(cfg, "image_levels") else None
-    return mdm.Vocab(text=text_vocab, audio=875, image=image.vocab_size if image else 17)
+    cfg = data_lib.DataConfig()
+    return mdm.Vocab(
+        text=text_vocab, audio=875, image=data_lib.PixelTokenizer(cfg.image_levels, cfg.image_patch).vocab_size
+    )
 
 
-def param_count(cfg: mdm.ModelConfig, vocab: mdm.Vocab) -> int:
+def param_count(cfg: ModelConfig, vocab: mdm.Vocab) -> int:
     """Parameters of a Denoiser without building it: embedding, blocks (linears and norms), unembedding."""
     d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
     block = linear_weights_per_layer(cfg) + 2 * d + 2 * hd
     return vocab.size * d + cfg.n_layers * block + d + vocab.control_start * d
 
 
-def saved_bytes(cfg: mdm.ModelConfig, tokens: tuple[int, int], dtype: str) -> int:
+def saved_bytes(cfg: ModelConfig, tokens: tuple[int, int], dtype: str) -> int:
     """Bytes of the activations autograd saves in the forward of the blocks (weights and their casts excluded)."""
     vocab = mdm.Vocab(text=16, audio=4, image=4)
-    model = mdm.Denoiser(cfg, vocab)
+    model = Denoiser(cfg, vocab)
     shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
     known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
@@ -873,7 +883,7 @@ def activation_model(dtype: str) -> dict[str, float]:
     """
 
     def per_layer(d: int, h: int, heads: int) -> float:
-        cfg = mdm.ModelConfig(d_model=d, n_layers=1, n_heads=heads, max_len=64, mlp_ratio=h / d)
+        cfg = ModelConfig(d_model=d, n_layers=1, n_heads=heads, max_len=64, mlp_ratio=h / d)
         one = saved_bytes(cfg, (3, 40), dtype)
         two = saved_bytes(replace(cfg, n_layers=2), (3, 40), dtype)
         return (two - one) / 120
@@ -885,12 +895,12 @@ def activation_model(dtype: str) -> dict[str, float]:
     return {"a": a, "b": b, "c": c, "e": base - 64 * a - 128 * b - 2 * c}
 
 
-def activation_bytes(cfg: mdm.ModelConfig, coef: dict[str, float]) -> float:
+def activation_bytes(cfg: ModelConfig, coef: dict[str, float]) -> float:
     return coef["a"] * cfg.d_model + coef["b"] * cfg.mlp_hidden + coef["c"] * cfg.n_heads + coef["e"]
 
 
 def memory_arithmetic(
-    name: str, cfg: mdm.ModelConfig, vocab: mdm.Vocab, rows: int, seq: int, coef: dict, gpus: int, act_dtype: str
+    name: str, cfg: ModelConfig, vocab: mdm.Vocab, rows: int, seq: int, coef: dict, gpus: int, act_dtype: str
 ) -> dict:
     """Bytes of training: fp32 weights, gradients, AdamW (2 moments), EMA, and one micro-batch's activations.
 
@@ -952,7 +962,7 @@ def memory_child(spec: dict) -> dict:
 
 
 def run_memory_child(spec: dict) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--memory-child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "lab.bench", "--memory-child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_MEMORY "):
@@ -1036,7 +1046,7 @@ def section_memory(opts: Options, shapes: list[Shape]) -> dict:
         r["increase_mb"] = r["peak_mb"] - r["baseline_mb"]
     # presets base and up are GPU presets: bf16 activations, and an assumed full-size vocabulary of a
     # GPT-2 text BPE (50257) plus 4096 audio and 8192 image codes
-    for name, cfg in mdm.PRESETS.items():
+    for name, cfg in PRESETS.items():
         small = name in ("tiny", "small")
         vocab = default_vocab if small else mdm.Vocab(text=50257, audio=4096, image=8192)
         dt = act_dtype if small else "bf16"
@@ -1433,7 +1443,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         compile=a.compile,
         gpus=a.gpus,
         repeats=a.repeats,
-        command="python bench.py " + " ".join(argv),
+        command="python -m lab.bench " + " ".join(argv),
         memory_child=a.memory_child,
     )
 

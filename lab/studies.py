@@ -26,20 +26,21 @@ How each run is judged, identically in every study (``evaluate_checkpoint``):
 * Generation (where a study asks for it) with the offline judges of ``evaluate.py`` on the
   validation split: text-to-image (digit judge accuracy, classifier-space Fréchet distance),
   captioning and speech recognition (the text names the digit), text-to-speech (pocketsphinx with a
-  digit grammar, and the local audio classifier). Unconditional text has no judge; it is left out.
-* Sampler sweeps (studies 1 and 6) go through ``sample.sweep`` with one metric callback per task.
+  digit grammar). Unconditional text has no judge; it is left out.
+* Sampler sweeps (studies 1 and 6) go through ``sweep`` with one metric callback per task.
 
 Seeds: a run's seed is ``train.py``'s ``--seed``, which fixes the initialization, the batches and the
 noise, and also the train/val/test split of the data (``data.DataConfig.seed``). The spread over
 seeds therefore includes the split. Sizes (``Size``, presets in ``SIZES``): ``smoke`` (seconds per
 study on one thread, one seed: the tests run it so this file never rots), ``quick`` (minutes per
-study on 2 cores: the figures in docs/studies.md) and ``full`` (about an hour per study).
+study on 2 cores: the figures in lab/STUDIES.md) and ``full`` (about an hour per study).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -61,6 +62,8 @@ import mdm
 import sample as sample_lib
 import sde_batch
 import train
+from checkpoint import Inference, load_for_inference
+from model import Denoiser
 
 STUDIES: tuple[str, ...] = ("schedules", "sde", "antimask", "scaling", "mixing", "inference")
 JUDGED_TASKS: tuple[str, ...] = ("t2i", "i2t", "s2t", "t2s")  # generation tasks with an offline judge
@@ -326,14 +329,14 @@ def data_built_once() -> Iterator[None]:
     changes no result; it saves about a second per run, most of a smoke run.
     """
 
-    def build(cfg: data_lib.DataConfig | None = None) -> data_lib.TriModalData:
+    def build(cfg: data_lib.DataConfig | None = None, codec_sha256: str = "") -> data_lib.TriModalData:
         return shared_data(cfg or data_lib.DataConfig())
 
-    data_lib.build_data = build
+    data_lib.build_data = train.build_data = build
     try:
         yield
     finally:
-        data_lib.build_data = _BUILD_DATA
+        data_lib.build_data = train.build_data = _BUILD_DATA
 
 
 def train_args(size: Size, spec: RunSpec, run_dir: Path) -> list[str]:
@@ -382,7 +385,7 @@ def binned_curve(steps: Sequence[dict], horizon: float, bins: int = CURVE_BINS) 
     return {"tokens": [float(centers[b]) for b in keep], "loss_bits": [float(loss[which == b].mean()) for b in keep]}
 
 
-def nelbo_parts(model: mdm.Denoiser, data: data_lib.TriModalData, size: Size) -> dict:
+def nelbo_parts(model: Denoiser, data: data_lib.TriModalData, size: Size) -> dict:
     """Fixed-protocol NELBO (bits per token, validation split) of each part, its standard error, and loss_bits."""
     means, ses, totals = {}, {}, []
     for task in mdm.TASKS:
@@ -394,6 +397,38 @@ def nelbo_parts(model: mdm.Denoiser, data: data_lib.TriModalData, size: Size) ->
     return {"nelbo_bits": means, "nelbo_se": ses, "loss_bits": float(np.mean(totals))}
 
 
+def sweep(
+    metric: Callable[[sample_lib.SamplerConfig], Mapping[str, float]],
+    grid: Mapping[str, Sequence],
+    base: sample_lib.SamplerConfig | None = None,
+) -> list[dict]:
+    """Run ``metric`` on every config of a grid of SamplerConfig fields; one row (config + metrics) each.
+
+    grid maps field names to the values to try, e.g. ``{"steps": [16, 32], "temperature": [0.5, 1.0]}``
+    (the Cartesian product, starting from ``base``). ``metric(cfg)`` generates with ``cfg`` and returns
+    named numbers, e.g. ``{"accuracy": 0.9, "nfe": 40}``.
+    """
+    names = {f.name for f in dataclasses.fields(sample_lib.SamplerConfig)}
+    if set(grid) - names:
+        raise ValueError(f"unknown SamplerConfig fields in the grid: {sorted(set(grid) - names)}")
+    base = base or sample_lib.SamplerConfig()
+    rows = []
+    for values in itertools.product(*grid.values()):
+        cfg = dataclasses.replace(base, **dict(zip(grid, values, strict=True)))
+        rows.append({**cfg.to_dict(), **metric(cfg)})
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """A Markdown table of rows of numbers and names (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
+
+
 def study_sampler(size: Size, task: str) -> sample_lib.SamplerConfig:
     """The sampler of the generation metrics: the task's preset, with ``size.gen_steps`` steps if set."""
     preset = sample_lib.PRESETS[task]
@@ -401,7 +436,7 @@ def study_sampler(size: Size, task: str) -> sample_lib.SamplerConfig:
 
 
 def task_metric(
-    task: str, inf: train.Inference, data: data_lib.TriModalData, judges: evaluate.Judges, size: Size, seed: int
+    task: str, inf: Inference, data: data_lib.TriModalData, judges: evaluate.Judges, size: Size, seed: int
 ) -> Callable[[sample_lib.SamplerConfig], dict[str, float]]:
     """The ``sample.sweep`` callback of one judged task: generate with a config, return its numbers."""
     images, clips = data.pairs["image_text"]["val"], data.pairs["audio_text"]["val"]
@@ -416,7 +451,7 @@ def task_metric(
             extra = {}
         elif task == "t2s":
             r = evaluate.text_to_speech(inf, judges, cfg, size.per_digit, seed)
-            extra = {"classifier_accuracy": r["classifier_accuracy"]}
+            extra = {}
         else:
             raise ValueError(f"no judge for task {task!r}; judged tasks are {JUDGED_TASKS}")
         speed = {"nfe": r["nfe"], "seconds_per_sample": r["seconds_per_sample"]}
@@ -427,7 +462,7 @@ def task_metric(
 
 def evaluate_checkpoint(ckpt: Path, size: Size, generation: bool, seed: int) -> dict:
     """Parameter counts, fixed-protocol NELBO and, if asked, the judged generations of one checkpoint."""
-    inf = train.load_for_inference(ckpt)
+    inf = load_for_inference(ckpt)
     cfg = inf.data_config
     data = shared_data(cfg)
     out = {
@@ -441,7 +476,7 @@ def evaluate_checkpoint(ckpt: Path, size: Size, generation: bool, seed: int) -> 
         for task in JUDGED_TASKS:
             r = task_metric(task, inf, data, judges, size, seed)(study_sampler(size, task))
             gen[f"{task}_accuracy"] = r["accuracy"]
-            gen.update({f"{task}_{k}": v for k, v in r.items() if k in ("frechet_distance", "classifier_accuracy")})
+            gen.update({f"{task}_{k}": v for k, v in r.items() if k == "frechet_distance"})
         out["generation"] = gen
     return out
 
@@ -552,11 +587,11 @@ class Context:
                 say(f"[{study}] sweep {prefix}{task} seed {seed}: done earlier, skipped")
                 continue
             if bundle is None:
-                inf = train.load_for_inference(checkpoint)
+                inf = load_for_inference(checkpoint)
                 cfg = inf.data_config
                 bundle = (inf, shared_data(cfg), shared_judges(cfg))
             t0 = time.perf_counter()
-            rows = sample_lib.sweep(task_metric(task, *bundle, self.size, seed), grid, study_sampler(self.size, task))
+            rows = sweep(task_metric(task, *bundle, self.size, seed), grid, study_sampler(self.size, task))
             for row in rows:
                 sampler = {k: row[k] for k in sample_lib.SamplerConfig().to_dict()}
                 metrics = {k: v for k, v in row.items() if k not in sampler}
@@ -835,7 +870,7 @@ def print_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Non
         {"variant": v, **{k: f"{m['mean']:.4g} ± {m['std']:.2g}" for k, m in metrics.items()}}
         for v, metrics in summary.items()
     ]
-    say(sample_lib.format_table(rows))
+    say(format_table(rows))
 
 
 def write_summary(ctx: Context, study: str, summary: dict) -> None:
@@ -930,7 +965,7 @@ def study_sde(ctx: Context) -> dict:
     """
     size = ctx.size
     base_b, base_d = size.sde_base_batch, min(size.sde_horizons)
-    seq_len = train.TrainConfig.seq_len
+    seq_len = data_lib.DataConfig.seq_len
     specs = []
     for d, b, rule, seed in itertools.product(size.sde_horizons, size.sde_batches, ("with", "without"), size.seeds):
         if rule == "without" and (b, d) == (base_b, base_d):
@@ -938,7 +973,7 @@ def study_sde(ctx: Context) -> dict:
         settings: dict[str, object] = {**size.sde_model.settings(), "batch_size": b, "tokens": d, "log_every": 1}
         kappa = 1.0
         if rule == "with":
-            settings |= {"base_batch": base_b, "base_tokens": base_d, "gamma": sde_batch.GAMMA}
+            settings |= {"base_batch": base_b, "base_tokens": base_d}  # gamma: sde_batch.GAMMA
             kappa = sde_batch.kappa_of(b, d, base_b, base_d, sde_batch.GAMMA)
         info = {
             "horizon": d,
@@ -1346,7 +1381,7 @@ def study_inference(ctx: Context) -> dict:
     fig.suptitle(f"inference sweep of {ckpt} (sampler {seeds_label(rows)}; linear schedule)", fontsize=9)
     save_figure(fig, ctx.out / "inference.png")
     say("[inference] best config per task (max mean accuracy, then fewest network evaluations):")
-    say(sample_lib.format_table([{"task": t, **b} for t, b in best.items()]))
+    say(format_table([{"task": t, **b} for t, b in best.items()]))
     return {"checkpoint": str(ckpt), "grid": grid, "best": best}
 
 
@@ -1372,7 +1407,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("study", choices=(*STUDIES, "all"), help="which study; 'all' runs every study in turn")
     p.add_argument("--size", choices=tuple(SIZES), default="quick", help="smoke (CI, seconds), quick, full")
-    p.add_argument("--out", default="docs/studies", help="where <study>.jsonl, .png and _summary.json go")
+    p.add_argument("--out", default="lab/studies", help="where <study>.jsonl, .png and _summary.json go")
     p.add_argument("--runs", default="runs/studies", help="where the training runs go")
     p.add_argument("--force", action="store_true", help="rerun runs whose results already exist")
     p.add_argument("--checkpoint", default=None, help="inference study: sweep this checkpoint instead of training one")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import studies
 import train
+from lab import studies
 
 SMOKE = studies.SIZES["smoke"]
 N_SEEDS = len(SMOKE.seeds)
@@ -182,3 +182,15 @@ def test_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="single seed"):
         dataclasses.replace(studies.SIZES["quick"], seeds=(0,))
     assert all(len(s.seeds) >= 2 for name, s in studies.SIZES.items() if name != "smoke")
+
+
+def test_sweep_runs_a_grid_and_format_table_prints_it() -> None:
+    import sample
+
+    rows = studies.sweep(lambda cfg: {"nfe": cfg.steps * 2}, {"steps": [2, 8], "sampler": list(sample.SAMPLERS)})
+    assert [(r["steps"], r["sampler"]) for r in rows] == list(itertools.product([2, 8], sample.SAMPLERS))
+    assert all(r["nfe"] == 2 * r["steps"] for r in rows)
+    table = studies.format_table(rows).splitlines()
+    assert len(table) == 6 and table[0].startswith("| sampler | steps |") and table[0].endswith("| nfe |")
+    with pytest.raises(ValueError, match="unknown SamplerConfig fields"):
+        studies.sweep(lambda cfg: {}, {"stepz": [1]})

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
 import mdm
+from lab import bench
+from model import PRESETS, Denoiser, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_memory_measured_and_arithmetic(quick: dict) -> None:
     measured = quick["memory"]["measured"]
     assert measured and all(0 < r["baseline_mb"] <= r["peak_mb"] for r in measured)
     presets = {r["preset"] for r in quick["memory"]["arithmetic"]}
-    assert {f"{p} (preset)" for p in mdm.PRESETS} <= presets
+    assert {f"{p} (preset)" for p in PRESETS} <= presets
     for r in quick["memory"]["arithmetic"]:
         assert r["fsdp_per_gpu_GB"] < r["single_GB"] < r["ddp_per_gpu_GB"]
     for c in quick["memory"]["checks"]:  # the fitted activation formula reproduces a direct measurement
@@ -107,7 +108,7 @@ def test_targets_and_markdown(quick: dict, capsys: pytest.CaptureFixture) -> Non
 def test_naive_loss_head_equals_logits_at_masked_positions() -> None:
     """The "naive" variant bench.py compares with computes the same NLL, only with more work."""
     vocab = mdm.Vocab(text=20, audio=12, image=9)
-    model = mdm.Denoiser(mdm.ModelConfig(d_model=32, n_layers=1, n_heads=2, max_len=16), vocab)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=1, n_heads=2, max_len=16), vocab)
     torch.nn.init.normal_(model.unembed.weight, std=0.5)
     g = torch.Generator().manual_seed(0)
     x0 = torch.cat(
@@ -121,9 +122,9 @@ def test_naive_loss_head_equals_logits_at_masked_positions() -> None:
 def test_parameter_count_and_flops_formula() -> None:
     vocab = mdm.Vocab(text=1024, audio=875, image=17)
     for name in ("tiny", "small"):
-        cfg = mdm.PRESETS[name]
-        assert bench.param_count(cfg, vocab) == mdm.Denoiser(cfg, vocab).num_parameters()
-    cfg = mdm.ModelConfig(d_model=64, n_layers=2, n_heads=2)
+        cfg = PRESETS[name]
+        assert bench.param_count(cfg, vocab) == Denoiser(cfg, vocab).num_parameters()
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=2)
     h = cfg.mlp_hidden
     expected = 6 * 2 * (4 * 64 * 64 + 3 * 64 * h) * 100 + 12 * 2 * 64 * 50 * 100 + 6 * 64 * 1000
     assert bench.step_flops(cfg, tokens=100, seq_len=50, unembed_columns=1000) == expected
@@ -136,4 +137,4 @@ def test_unknown_section_is_an_error() -> None:
 
 def test_benchmarks_file_has_the_markdown_block() -> None:
     text = (Path(bench.__file__).parent / "BENCHMARKS.md").read_text()
-    assert "### Targets" in text and "python bench.py" in text
+    assert "### Targets" in text and "python -m lab.bench" in text

@@ -2,15 +2,15 @@
 
 What it makes: ``assets/spoken_digits.npz`` (1.9 MB), 600 short clips of "zero" .. "nine": 5 flite
 voices (kal, kal16, awb, rms, slt) x 4 speaking rates x 3 pitches x 10 digits, at 12 kHz. It is the
-default audio-text data of the project (``data.py`` reads it, ``fsq.py train-audio`` trains the
+default audio-text data of the project (``data.py`` reads it, ``python -m lab.tokenizers train-audio`` trains the
 audio codec on it, and ``evaluate.SpeechJudge`` scores generated speech against its classes). The
 file is committed, so nothing here runs at training or test time.
 
 How to run (regenerates the same file bit for bit on the same flite version)::
 
     apt-get install flite          # Debian/Ubuntu package "flite" (CMU Flite 2.2: voices kal, kal16, awb, rms, slt)
-    python assets/make_spoken_digits.py              # writes assets/spoken_digits.npz
-    python assets/make_spoken_digits.py --out /tmp/x.npz --sample-rate 16000
+    python -m lab.make_spoken_digits              # writes assets/spoken_digits.npz
+    python -m lab.make_spoken_digits --out /tmp/x.npz --sample-rate 16000
 
 Why 12 kHz 8-bit mu-law: pocketsphinx's digit accuracy on these clips is the same at 12 kHz as at
 16 kHz (0.97-0.98; 0.93 at 8 kHz), and 12 kHz leaves room in a 2 MB budget for 600 clips. The npz
@@ -198,7 +198,7 @@ def save_npz_lzma(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1] / "assets"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=here / "spoken_digits.npz")
     ap.add_argument("--sample-rate", type=int, default=12000)

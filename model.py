@@ -1,0 +1,293 @@
+"""The network: a bidirectional pre-norm transformer p_theta(x_0 | x_t) over the shared vocabulary.
+
+``mdm.py`` holds the math of masked diffusion and needs only a function that returns
+-log p_theta(x_0,i | x_t) at the masked positions; this file is that function's network, nothing
+more (a plain transformer, as in nanoGPT's model.py, with three changes):
+
+* no causal mask: every position sees the whole row (its causal twin, ``causal=True``, is the
+  autoregressive baseline of the same shape);
+* no time input: the MASK tokens of x_t say everything about t that the optimal denoiser needs;
+* each position's logits cover only its own modality's tokens, so MASK is never predicted.
+
+Modern parts: RMSNorm, rotary positions, QK-norm, SwiGLU; presets from ``tiny`` (2 CPU cores,
+minutes) to ``xl`` (about the paper's 3B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mdm import MODALITIES, Vocab
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the denoiser. Presets in ``PRESETS``; parameter counts also depend on the Vocab."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_len: int = 256
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = mlp_ratio * d_model (rounded up to a multiple of 64)
+    rope_base: float = 10_000.0
+    causal: bool = False  # True only for the autoregressive twin used as a baseline (bench, evaluate)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("the head dimension must be even for rotary embeddings")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 64 * math.ceil(self.mlp_ratio * self.d_model / 64)
+
+
+# Width, depth and heads of each named size. The size in each name counts the transformer body
+# (about 12 d^2 per layer, the "non-embedding" count of scaling-law papers); the embedding and
+# unembedding add 2 |V| d on top (0.8M for tiny's default vocabulary, 77M at d=768 with a 50k one).
+# The paper's largest model is ~3B.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_len=256),  # 0.8M body; CPU minutes
+    "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, max_len=256),  # 25M
+    "base": ModelConfig(d_model=768, n_layers=18, n_heads=12, max_len=1024),  # 127M
+    "medium": ModelConfig(d_model=1024, n_layers=28, n_heads=16, max_len=1024),  # 353M
+    "large": ModelConfig(d_model=2048, n_layers=20, n_heads=16, max_len=2048),  # 1.0B
+    "xl": ModelConfig(d_model=2560, n_layers=38, n_heads=20, max_len=2048),  # 3.0B
+}
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+def rotary_tables(max_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (max_len, head_dim/2): angle(p, j) = p * base^(-2j/head_dim)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_j, x_{j+d/2}) of x (B, H, L, d) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm and rotary positions; bidirectional unless causal."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.d_model // cfg.n_heads, cfg.causal
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B,H,L,hd)
+        q = apply_rotary(self.q_norm(q), cos, sin)
+        k = apply_rotary(self.k_norm(k), cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """MLP(x) = W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.d_model), SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Denoiser(nn.Module):
+    """p_theta(x_0 | x_t): a bidirectional pre-norm transformer over the shared vocabulary.
+
+    No time input: the pattern of MASK tokens in x_t carries all the information about t that the
+    optimal denoiser needs (the true conditionals of masked positions do not depend on t).
+
+    Output restriction ("zero-masking" plus modality restriction): at a position of modality m the
+    logits cover only ``vocab.predict_slice(m)`` (m's content tokens, BOS_m, EOS_m and, for text,
+    PAD_text). MASK and task tokens and other modalities' tokens get probability exactly 0.
+
+    Initialization (documented because it matters for small runs):
+    * token embeddings and all linear layers ~ N(0, 0.02^2);
+    * the two residual-output projections of each block (attention out, MLP down) ~
+      N(0, (0.02 / sqrt(2 n_layers))^2), so the residual stream's variance does not grow with depth;
+    * RMSNorm gains = 1;
+    * the unembedding is zero, so at initialization every position predicts the uniform distribution
+      over its modality's sub-vocabulary and the loss per masked token is exactly log |slice_m|.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: Vocab) -> None:
+        super().__init__()
+        self.cfg, self.vocab = cfg, vocab
+        self.embed = nn.Embedding(vocab.size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model)
+        self.unembed = nn.Linear(cfg.d_model, vocab.control_start, bias=False)  # only predictable ids
+        cos, sin = rotary_tables(cfg.max_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("modality_ids", vocab.modality_table(), persistent=False)
+        self.slices = [vocab.predict_slice(m) for m in MODALITIES]
+        logit_mask = torch.full((len(MODALITIES), vocab.size), -math.inf)  # (3, |V|): 0 on slice_m
+        for m, s in enumerate(self.slices):
+            logit_mask[m, s] = 0.0
+        self.register_buffer("logit_mask", logit_mask, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            elif name == "unembed.weight":
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_parameters(self, body_only: bool = False) -> int:
+        """All parameters, or those of the transformer body (without embedding and unembedding)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embed.weight.numel() - self.unembed.weight.numel() if body_only else total
+
+    def hidden(self, x_t: Tensor) -> Tensor:
+        """(B, L) ids -> (B, L, d) final normalized hidden states."""
+        L = x_t.shape[1]
+        if L > self.cfg.max_len:
+            raise ValueError(f"sequence length {L} exceeds the model's max_len {self.cfg.max_len}")
+        h = self.embed(x_t)
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        for block in self.blocks:
+            h = block(h, cos, sin)
+        return self.final_norm(h)
+
+    def modality_logits(self, h: Tensor, m: int) -> Tensor:
+        """(n, d) hidden states of positions of modality MODALITIES[m] -> (n, |slice_m|) logits."""
+        s = self.slices[m]
+        return h @ self.unembed.weight[s].T
+
+    def nll_at(self, x_t: Tensor, x0: Tensor, where: Tensor) -> Tensor:
+        """-log p_theta(x0_i | x_t) at the positions where (B, L) is True -> (n,), row-major.
+
+        Only the selected positions are unembedded, each against its own modality's slice: the
+        logits at the other positions are never computed. For the causal twin (``cfg.causal``, the
+        autoregressive baseline) x_t is the clean row and position i is predicted from the hidden
+        state at i - 1: -log p(x_i | x_<i), next-token prediction (see ``next_token_batch``).
+        """
+        h = self.hidden(x_t)  # (B, L, d)
+        if self.cfg.causal:
+            h = F.pad(h[:, :-1], (0, 0, 1, 0))  # the state at i - 1 predicts position i
+        h = h[where]  # (n, d)
+        mod = self.modality_ids[x_t[where]]  # (n,) modality of each selected position
+        target = x0[where]
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        for m, s in enumerate(self.slices):
+            rows = (mod == m).nonzero()[:, 0]
+            if rows.numel():
+                logits = self.modality_logits(h[rows], m).float()
+                out[rows] = F.cross_entropy(logits, target[rows] - s.start, reduction="none")
+        return out
+
+    def forward(self, x_t: Tensor, where: Tensor | None = None) -> Tensor:
+        """Logits over the whole vocabulary, -inf outside each position's sub-vocabulary (float32).
+
+        x_t (B, L) ids. Without ``where``: (B, L, |V|). With a bool ``where`` (B, L): (n, |V|) at
+        those positions only, row-major (the samplers ask only for still-masked positions).
+        """
+        h = self.hidden(x_t)
+        mod = self.modality_ids[x_t]  # (B, L)
+        if where is not None:
+            h, mod = h[where], mod[where]
+        logits = h @ self.unembed.weight.T  # (..., |predictable|)
+        logits = F.pad(logits.float(), (0, self.vocab.size - logits.shape[-1]), value=-math.inf)
+        return logits + self.logit_mask[mod]
+
+
+@torch.no_grad()
+def embed_codes(model: Denoiser, modality: str, codes: Tensor, generator: torch.Generator | None = None) -> None:
+    """Start a media block's input embeddings from what its tokens stand for (call before training).
+
+    A media token is a code c in R^k: the gray levels of a patch's pixels (``data.PixelTokenizer``)
+    or an FSQ code (``fsq``), and near codes mean near content. A randomly initialized embedding
+    table knows none of this: each of the |V_m| ids must learn its meaning separately, from the few
+    rows that contain it. Adding a random linear image of the standardized code,
+
+        E[id] <- E[id] + z(c_id) R,   z = (c - mean) / std per code dimension,   R ~ N(0, 0.02^2)^(k x d),
+
+    gives the transformer, from step 0, a view of each image / clip that is linear in its content
+    (a linear read-out of the 64 pixels already tells most digits apart). The table stays an ordinary
+    trained parameter; ``train.py --code_init`` turns this on (its effect is measured in lab/STUDIES.md).
+    codes: (|V_m|, k), one row per content token of the modality, in id order.
+    """
+    if modality not in ("image", "audio"):
+        raise ValueError(f"embed_codes starts media embeddings (image, audio), not {modality!r}")
+    n = model.vocab.content_size(modality)
+    if codes.ndim != 2 or codes.shape[0] != n:
+        raise ValueError(f"{modality} codes must have shape ({n}, k), one row per token; got {tuple(codes.shape)}")
+    z = (codes - codes.mean(0)) / codes.std(0).clamp_min(1e-6)
+    R = torch.randn(codes.shape[1], model.cfg.d_model, generator=generator, dtype=torch.float64) * 0.02
+    start = model.vocab.block_start(modality)
+    model.embed.weight[start : start + n] += (z.double() @ R).to(model.embed.weight)
+
+
+def model_summary(model: Denoiser) -> str:
+    """One line: preset shape and parameter count (embedding, body, unembedding)."""
+    cfg = model.cfg
+    total, body = model.num_parameters(), model.num_parameters(body_only=True)
+    return (
+        f"Denoiser d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} |V|={model.vocab.size}: "
+        f"{total / 1e6:.2f}M parameters ({body / 1e6:.2f}M body, {(total - body) / 1e6:.2f}M embedding + unembedding)"
+    )
+
+
+if __name__ == "__main__":
+    # The untrained tiny model on one draw of the forward process: its loss is that of a uniform guess.
+    from mdm import Schedule, corrupt, nelbo
+
+    vocab = Vocab(text=256, audio=64, image=17)
+    model = Denoiser(PRESETS["tiny"], vocab)
+    print(model_summary(model))
+    x0 = vocab.to_global(torch.tensor([list(b"Masked diffusion forgets a sentence one token at a time.")] * 8), "text")
+    c = corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), vocab, Schedule("linear"))
+    with torch.no_grad():
+        loss = nelbo(model.nll_at, c, vocab).loss.item()
+    n = vocab.predict_size("text")
+    print(f"untrained NELBO, one draw of 8 rows: {loss:.3f} nats per token")
+    print(f"(its expectation is the loss of a uniform guess over the {n} text ids: log {n} = {math.log(n):.3f})")
