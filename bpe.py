@@ -153,7 +153,7 @@ class TextTokenizer:
         """Read a tiktoken-format rank file, checking its sha256 (given, or from ``path.sha256``)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no BPE rank file at {path}; train one with `python data.py train-bpe`")
+            raise FileNotFoundError(f"no BPE rank file at {path}; train one with `python -m lab.tokenizers train-bpe`")
         blob = path.read_bytes()
         sha_file = Path(f"{path}.sha256")
         expected = expected_sha256 or (sha_file.read_text().strip() if sha_file.is_file() else None)

@@ -36,11 +36,8 @@ from model import Denoiser, ModelConfig
 CKPT_FORMAT = "trimodal-mdm/2"
 EXPORT_FORMAT = "trimodal-mdm-export/1"
 
-# ----------------------------------------------------------------------------------------------
-# 1. The resumable checkpoint
-# ----------------------------------------------------------------------------------------------
 
-
+# --- 1. The resumable checkpoint ------------------------------------------------------------------
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (FSDP), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -154,11 +151,7 @@ def codec_voucher(path: str, recorded: str, named: bool) -> str:
     return sha
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. A trained model for inference
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 2. A trained model for inference -------------------------------------------------------------
 def gather_shards(path: str | Path, first: dict) -> dict:
     """Full model and EMA tensors from a sharded (FSDP2) checkpoint folder, for inference on one process.
 
@@ -213,11 +206,7 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
     return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(ckpt["step"]))
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The portable export: safetensors weights, a JSON config, the tokenizer files
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 3. The portable export: safetensors weights, a JSON config, the tokenizer files --------------
 def export(inf: Inference, folder: str | Path) -> Path:
     """Write ``folder``/model.safetensors, config.json, text_bpe.tiktoken and audio_codec.pt; return the folder."""
     from safetensors.torch import save_file

@@ -1,14 +1,9 @@
 """Evaluation: how good are a trained model's likelihoods and generations?
 
-1. Judges: small models that run offline and score generated samples, trained or configured from
-   data in the repository, never downloaded.
-   * ``SpeechJudge``     pocketsphinx (its English model ships inside its wheel) restricted by a JSGF
-     grammar to the ten digit words: "which digit does this waveform say?", the judge of
-     text-to-speech samples decoded by ``fsq.AudioCodec``.
-   * ``DigitImageJudge`` a small MLP on scikit-learn's 8x8 digits, the judge of text-to-image
-     samples; its hidden features give ``frechet_distance``, a Fréchet distance in a small
-     classifier's feature space that is **not comparable to published FID** (which uses an
-     Inception network on natural images).
+1. Judges: small offline models, trained or configured from data in the repository, never downloaded.
+   ``SpeechJudge`` (pocketsphinx, whose English model ships in its wheel, held by a JSGF grammar to
+   the ten digit words) judges text-to-speech; ``DigitImageJudge`` (an MLP on scikit-learn's 8x8
+   digits) judges text-to-image.
 2. Likelihood: the NELBO per modality in bits (``mdm.nelbo``) on held-out rows, with a standard error.
 3. Generation: every cross-modal task judged (``text_to_image``, ``media_to_text``, ``text_to_speech``)
    and unconditional text judged by the autoregressive twin (``text_sample_quality``).
@@ -35,14 +30,7 @@ from checkpoint import load_for_inference
 from data import DIGIT_WORDS, resample
 from model import Denoiser
 
-# ----------------------------------------------------------------------------------------------
-# 1. Judges
-# ----------------------------------------------------------------------------------------------
-
-
-def digit_grammar(words: Sequence[str] = DIGIT_WORDS) -> str:
-    """A JSGF grammar that accepts exactly one of ``words`` (optionally surrounded by silence)."""
-    return "#JSGF V1.0;\ngrammar digits;\npublic <digit> = " + " | ".join(words) + " ;\n"
+# --- 1. Judges --------------------------------------------------------------------------------
 
 
 class SpeechJudge:
@@ -67,7 +55,8 @@ class SpeechJudge:
         self.words = tuple(words)
         self.pad_seconds = pad_seconds
         self.decoder = Decoder(loglevel="FATAL")
-        self.decoder.add_jsgf_string("digits", digit_grammar(self.words))
+        grammar = "#JSGF V1.0;\ngrammar digits;\npublic <digit> = " + " | ".join(self.words) + " ;\n"
+        self.decoder.add_jsgf_string("digits", grammar)
         self.decoder.activate_search("digits")
 
     def recognize(self, wave: np.ndarray, sample_rate: int) -> str:
@@ -95,11 +84,8 @@ class SpeechJudge:
 
 
 class DigitImageJudge:
-    """A digit classifier for 8x8 images with gray levels 0..16 (scikit-learn's digits).
-
-    A small MLP (one hidden layer of ``hidden`` ReLU units; ~0.97-0.98 held out) whose hidden
-    activations are the ``features`` for ``frechet_distance``. Images may be given as (N, 8, 8) or
-    (N, 64), integer levels or floats in [0, 16].
+    """A digit classifier (an MLP with one hidden layer of ``hidden`` ReLU units) for 8x8 images with
+    gray levels 0..16, as in scikit-learn's digits: (N, 8, 8) or (N, 64), integers or floats in [0, 16].
     """
 
     def __init__(self, hidden: int = 64, seed: int = 0) -> None:
@@ -120,52 +106,16 @@ class DigitImageJudge:
         self.model.fit(self._flat(images), np.asarray(labels))
         return self
 
-    def _check(self) -> None:
+    def predict(self, images: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("DigitImageJudge: call fit(images, labels) first")
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        self._check()
         return self.model.predict(self._flat(images))
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(self.predict(images) == np.asarray(labels)))
 
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """(N, hidden) ReLU activations of the hidden layer: the space of ``frechet_distance``."""
-        self._check()
-        h = self._flat(images) @ self.model.coefs_[0] + self.model.intercepts_[0]
-        return np.maximum(h, 0.0)
 
-
-def sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix by eigendecomposition (no scipy)."""
-    w, v = np.linalg.eigh((a + a.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N_a, d) and (N_b, d):
-
-        FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)
-
-    (the symmetric form of tr((S_a S_b)^1/2), computed with eigh only). In a small classifier's
-    feature space this is a "classifier-FD": useful for comparing runs of this project, **not
-    comparable to published FID**.
-    """
-    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"need two (N, d) feature arrays with N >= 2 and equal d; got {a.shape} and {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    r = sqrtm_psd(s_a)
-    cross = sqrtm_psd(r @ s_b @ r)
-    return float(max(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(cross), 0.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Likelihood: per-modality NELBO in bits, with a standard error
-# ----------------------------------------------------------------------------------------------
+# --- 2. Likelihood: per-modality NELBO in bits, with a standard error -------------------------
 
 LN2 = math.log(2)
 
@@ -191,52 +141,48 @@ def nelbo_bits(
     schedule: str = "linear",
     seed: int = 0,
 ) -> dict[str, Estimate]:
-    """NELBO per data token of each modality, in bits, on ``task`` rows of a held-out split.
+    """NELBO per data token of each modality (and "all"), in bits, on ``task`` rows of a held-out split.
 
-    Low variance by construction: t is stratified over each batch (one t per stratum of [t_min,
-    1 - t_min]) and the estimate pools ``batches`` independent batches; its standard error is the
-    spread of the per-batch estimates over sqrt(batches). For the causal twin (``model.cfg.causal``)
-    the same rows are scored exactly by next-token NLL. For text rows, "bytes" adds bits per UTF-8
-    byte of the text the rows hold (what compares across tokenizers).
+    With S_b the bits and N_b the data tokens of a modality in batch b = 1..B:
+
+        mean = sum_b S_b / sum_b N_b,        se = std_b(S_b / N_b) / sqrt(B)
+
+    The variance is low by construction: t is stratified over each batch (one t per stratum of
+    [t_min, 1 - t_min]). The causal twin (``model.cfg.causal``) scores the same rows exactly by
+    next-token NLL. For text rows, "bytes" is bits per UTF-8 byte of the text the rows hold (what
+    compares across tokenizers).
     """
-    vocab = data.vocab
     it = data_lib.BatchIterator(data, split, batch_size, {task: 1.0}, seed=seed)
     sched = mdm.Schedule.parse(schedule)
-    ratios: dict[str, list[float]] = {m: [] for m in (*mdm.MODALITIES, "all")}
-    totals = torch.zeros(len(mdm.MODALITIES), dtype=torch.float64)
-    counts = torch.zeros(len(mdm.MODALITIES), dtype=torch.long)
-    per_byte: list[float] = []
     device = next(model.parameters()).device
+    sums, counts, per_byte = [], [], []
     with torch.no_grad():
         for k in range(batches):
             b = it.batch(k)
             if model.cfg.causal:
-                c = mdm.next_token_batch(b.ids, b.pad, vocab)
+                c = mdm.next_token_batch(b.ids, b.pad, data.vocab)
             else:
                 g = torch.Generator().manual_seed(seed * 7919 + k)
-                c = mdm.corrupt(b.ids, b.pad, vocab, sched, stratified=True, generator=g)
-            r = mdm.nelbo(model.nll_at, c.to(device), vocab)
-            sums, n = r.modality_sums.cpu() / LN2, r.modality_counts.cpu()
-            totals += sums
-            counts += n
-            for i, m in enumerate(mdm.MODALITIES):
-                if n[i] > 0:
-                    ratios[m].append(float(sums[i] / n[i]))
-            ratios["all"].append(float(sums.sum() / n.sum()))
+                c = mdm.corrupt(b.ids, b.pad, data.vocab, sched, stratified=True, generator=g)
+            r = mdm.nelbo(model.nll_at, c.to(device), data.vocab)
+            sums.append(r.modality_sums.cpu().double() / LN2)
+            counts.append(r.modality_counts.cpu().double())
             if task == "text":
-                per_byte.append(float(sums.sum()) / max(1, _text_bytes(b.ids, vocab, data.text_tokenizer)))
+                per_byte.append(float(sums[-1].sum()) / max(1, _text_bytes(b.ids, data.vocab, data.text_tokenizer)))
+    s, n = torch.stack(sums), torch.stack(counts)  # (B, modalities), then a column for "all"
+    s, n = torch.cat([s, s.sum(1, keepdim=True)], 1), torch.cat([n, n.sum(1, keepdim=True)], 1)
     out = {}
     for i, m in enumerate((*mdm.MODALITIES, "all")):
-        if not ratios[m]:
-            continue
-        mean = float(totals.sum() / counts.sum()) if m == "all" else float(totals[i] / counts[i])
-        out[m] = Estimate(mean, _standard_error(ratios[m]))
+        seen = n[:, i] > 0
+        if seen.any():
+            out[m] = Estimate(float(s[:, i].sum() / n[:, i].sum()), _standard_error(s[seen, i] / n[seen, i]))
     if per_byte:
         out["bytes"] = Estimate(float(np.mean(per_byte)), _standard_error(per_byte))
     return out
 
 
-def _standard_error(values: list[float]) -> float:
+def _standard_error(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
@@ -261,9 +207,7 @@ def likelihood_report(model: Denoiser, data: data_lib.TriModalData, split: str =
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Generation: each cross-modal task judged offline
-# ----------------------------------------------------------------------------------------------
+# --- 3. Generation: each cross-modal task judged offline --------------------------------------
 
 
 @dataclass
@@ -277,26 +221,21 @@ class Judges:
 
 def fit_judges(data: data_lib.TriModalData) -> Judges:
     img = data.pairs["image_text"]["train"]
-    return Judges(
-        DigitImageJudge().fit(np.stack(img.raw), img.labels.numpy()), SpeechJudge(), data.audio_codec.sample_rate
-    )
+    image = DigitImageJudge().fit(np.stack(img.raw), img.labels.numpy())
+    return Judges(image, SpeechJudge(), data.audio_codec.sample_rate)
 
 
 def ceilings(data: data_lib.TriModalData, judges: Judges, split: str = "test") -> dict[str, float]:
     """What each judge scores on real held-out data, raw and through the tokenizer: the best a generator can get."""
-    img, aud, codec, tok = (
-        data.pairs["image_text"][split],
-        data.pairs["audio_text"][split],
-        data.audio_codec,
-        data.image_tokenizer,
-    )
+    img, aud = data.pairs["image_text"][split], data.pairs["audio_text"][split]
+    codec, tok, rate = data.audio_codec, data.image_tokenizer, judges.sample_rate
     through = [codec.decode(codec.encode(w)) for w in aud.raw]
     tokenized = np.stack([tok.decode(tok.encode(x)) for x in img.raw])
     return {
         "image_judge_on_real": judges.image.accuracy(np.stack(img.raw), img.labels.numpy()),
         "image_judge_on_tokens": judges.image.accuracy(tokenized, img.labels.numpy()),
-        "speech_judge_on_real": judges.speech.accuracy(aud.raw, aud.labels.tolist(), judges.sample_rate),
-        "speech_judge_on_codec": judges.speech.accuracy(through, aud.labels.tolist(), judges.sample_rate),
+        "speech_judge_on_real": judges.speech.accuracy(aud.raw, aud.labels.tolist(), rate),
+        "speech_judge_on_codec": judges.speech.accuracy(through, aud.labels.tolist(), rate),
     }
 
 
@@ -305,21 +244,19 @@ def digit_prompts(per_digit: int, transcripts: bool = False) -> tuple[list[str],
     prompts, labels = [], []
     for d in range(10):
         for j in range(per_digit):
-            prompts.append(data_lib.DIGIT_WORDS[d] if transcripts else data_lib.digit_captions(d)[j % 10])
+            prompts.append(DIGIT_WORDS[d] if transcripts else data_lib.digit_captions(d)[j % 10])
             labels.append(d)
     return prompts, np.array(labels)
 
 
-def text_to_image(inf, judges: Judges, real_test: np.ndarray, cfg, per_digit: int = 10, seed: int = 0) -> dict:
+def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) -> dict:
     """Generate digits from captions; the image judge must read back the digit the caption names."""
     prompts, labels = digit_prompts(per_digit)
     texts = [inf.text_tokenizer.encode(p) for p in prompts]
     _, s = sample_lib.generate(inf.model, inf.layout, "t2i", cfg, texts=texts, seed=seed)
     images = np.stack([inf.image_tokenizer.decode(sample_lib.decode_media(r, inf.layout, "t2i")) for r in s.ids])
-    fd = frechet_distance(judges.image.features(images), judges.image.features(real_test))
     return {
         "accuracy": judges.image.accuracy(images, labels),
-        "frechet_distance": fd,
         "nfe": s.nfe,
         "seconds_per_sample": s.seconds_per_sample,
         "images": images,
@@ -344,16 +281,12 @@ def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, 
 
 
 def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0, speech_judge: bool = True) -> dict:
-    """Speak each digit word; pocketsphinx (digit grammar) and the local classifier must recognize it."""
+    """Speak each digit word; pocketsphinx (digit grammar) must recognize it."""
     prompts, labels = digit_prompts(per_digit, transcripts=True)
     texts = [inf.text_tokenizer.encode(p) for p in prompts]
     _, s = sample_lib.generate(inf.model, inf.layout, "t2s", cfg, texts=texts, seed=seed)
     ids = np.stack([sample_lib.decode_media(r, inf.layout, "t2s") for r in s.ids])
-    waves = (
-        list(inf.audio_codec.decode_batch(ids))
-        if hasattr(inf.audio_codec, "decode_batch")
-        else [inf.audio_codec.decode(i) for i in ids]
-    )
+    waves = list(inf.audio_codec.decode_batch(ids))
     out = {"nfe": s.nfe, "seconds_per_sample": s.seconds_per_sample, "waves": waves, "prompts": prompts}
     if speech_judge:
         out["accuracy"] = judges.speech.accuracy(waves, labels.tolist(), judges.sample_rate)
@@ -366,29 +299,29 @@ def text_sample_quality(
     """Unconditional text, judged two ways: the AR twin's NLL of the samples and their unigram entropy.
 
     rows (B, L): finished text rows (TASK_text then text ids); pad (B, L) their padding, if any.
-    ``ar_bits_per_token`` is -1/N sum_i log2 p_AR(x_i | x_<i) over the samples' text tokens (the
-    "generative perplexity" of MDLM and others, in bits): how natural the text looks to an
-    independent model trained on the same data. Low is better only together with
-    ``unigram_entropy_bits`` (the entropy of the samples' token histogram, pooled): a sampler that
-    repeats one word scores a low NLL and a low entropy.
-    Compare both with the same figures of real held-out text.
+
+        ar_bits_per_token    = -1/N sum_i log2 p_AR(x_i | x_<i)   over the samples' N text tokens
+        unigram_entropy_bits = -sum_v p_v log2 p_v                 p: the samples' pooled token histogram
+
+    The first is the "generative perplexity" of MDLM and others, in bits: how natural the text looks
+    to an independent model trained on the same data. Low is better only together with the second: a
+    sampler that repeats one word scores a low NLL and a low entropy. Compare both with real held-out text.
     """
     pad = torch.zeros_like(rows, dtype=torch.bool) if pad is None else pad
-    text_ids = rows[(rows >= vocab.block_start("text")) & (rows < vocab.block_start("text") + vocab.text) & ~pad]
+    start = vocab.block_start("text")
+    text_ids = rows[(rows >= start) & (rows < start + vocab.text) & ~pad]
     counts = torch.bincount(text_ids.flatten(), minlength=1).double()
     p = counts[counts > 0] / counts.sum()
     out = {"unigram_entropy_bits": float(-(p * p.log2()).sum()), "tokens": int(text_ids.numel())}
     if ar_model is not None:
         c = mdm.next_token_batch(rows, pad, vocab)
-        device = next(ar_model.parameters()).device
         with torch.no_grad():
-            out["ar_bits_per_token"] = float(mdm.nelbo(ar_model.nll_at, c.to(device), vocab).loss) / LN2
+            nll = mdm.nelbo(ar_model.nll_at, c.to(next(ar_model.parameters()).device), vocab).loss
+        out["ar_bits_per_token"] = float(nll) / LN2
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files
-# ----------------------------------------------------------------------------------------------
+# --- 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files ------------
 
 
 def _plot_spectrograms(path: Path, waves: list[np.ndarray], labels: list[str], sample_rate: int) -> None:
@@ -424,54 +357,45 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     inf = load_for_inference(checkpoint)
+    ar = load_for_inference(ar_checkpoint).model if ar_checkpoint else None
     data = data_lib.build_data(replace(inf.data_config, audio_speeds=()))  # held-out splits: no training copies
-    judges = fit_judges(data)
+    judges, presets = fit_judges(data), sample_lib.PRESETS
     test_img = data.pairs["image_text"]["test"]
-    res: dict = {
-        "checkpoint": str(checkpoint),
-        "step": inf.step,
-        "likelihood": likelihood_report(inf.model, data, batches=batches),
-    }
-    if ar_checkpoint:
-        ar = load_for_inference(ar_checkpoint)
-        res["ar_likelihood"] = likelihood_report(ar.model, data, batches=batches)
+    res: dict = {"checkpoint": str(checkpoint), "step": inf.step}
+    res["likelihood"] = likelihood_report(inf.model, data, batches=batches)
+    if ar is not None:
+        res["ar_likelihood"] = likelihood_report(ar, data, batches=batches)
     res["ceilings"] = ceilings(data, judges)
-    presets = sample_lib.PRESETS
-    t2i = text_to_image(inf, judges, np.stack(test_img.raw), presets["t2i"], per_digit, seed)
+    t2i = text_to_image(inf, judges, presets["t2i"], per_digit, seed)
     i2t = media_to_text(inf, test_img, "i2t", presets["i2t"], seed, limit)
     s2t = media_to_text(inf, data.pairs["audio_text"]["test"], "s2t", presets["s2t"], seed, limit)
     t2s = text_to_speech(inf, judges, presets["t2s"], per_digit, seed)
     _, text = sample_lib.generate(inf.model, inf.layout, "text", presets["text"], texts=[()] * 16, seed=seed)
     texts = [sample_lib.decode_text(r, inf.layout, "text", inf.text_tokenizer) for r in text.ids]
     real = data_lib.BatchIterator(data, "test", 16, {"text": 1.0}, seed=seed).batch(0)
-    ar_model = ar.model if ar_checkpoint else None
     res["text_generation"] = {
-        "samples": text_sample_quality(text.ids, data.vocab, ar_model),
-        "real_test_text": text_sample_quality(real.ids, data.vocab, ar_model, real.pad),
+        "samples": text_sample_quality(text.ids, data.vocab, ar),
+        "real_test_text": text_sample_quality(real.ids, data.vocab, ar, real.pad),
     }
-    strip = ("images", "waves", "texts", "labels", "prompts")
-    res["generation"] = {
-        name: {k: v for k, v in m.items() if k not in strip}
-        for name, m in (("t2i", t2i), ("i2t", i2t), ("s2t", s2t), ("t2s", t2s))
-    }
+    tasks = {"t2i": t2i, "i2t": i2t, "s2t": s2t, "t2s": t2s}
+    bulky = ("images", "waves", "texts", "labels", "prompts")
+    res["generation"] = {name: {k: v for k, v in m.items() if k not in bulky} for name, m in tasks.items()}
     res["samplers"] = {k: v.to_dict() for k, v in presets.items()}
     res["text_samples"] = texts
     res["examples"] = {
-        "i2t": [{"label": y, "caption": c} for y, c in list(zip(i2t["labels"], i2t["texts"], strict=True))[:10]],
-        "s2t": [{"label": y, "transcript": c} for y, c in list(zip(s2t["labels"], s2t["texts"], strict=True))[:10]],
+        "i2t": [{"label": y, "caption": c} for y, c in zip(i2t["labels"][:10], i2t["texts"][:10], strict=True)],
+        "s2t": [{"label": y, "transcript": c} for y, c in zip(s2t["labels"][:10], s2t["texts"][:10], strict=True)],
     }
     res["seconds"] = time.perf_counter() - t0
-    # figures and audio
     pick = [d * per_digit + j for d in range(10) for j in range(min(per_digit, 4))]
     sample_lib.save_image_grid(out / "t2i.png", [t2i["images"][i] for i in pick], [t2i["prompts"][i] for i in pick])
     caps = [ascii(c) for c in i2t["texts"][:16]]  # ascii: glyphs every font has
     sample_lib.save_image_grid(out / "i2t.png", list(np.stack(test_img.raw[:16])), caps)
     firsts = [d * per_digit for d in range(10)]
-    _plot_spectrograms(
-        out / "t2s.png", [t2s["waves"][i] for i in firsts], [t2s["prompts"][i] for i in firsts], judges.sample_rate
-    )
+    waves = [t2s["waves"][i] for i in firsts]
+    _plot_spectrograms(out / "t2s.png", waves, [t2s["prompts"][i] for i in firsts], judges.sample_rate)
     (out / "t2s").mkdir(exist_ok=True)
-    sample_lib.save_wavs(out / "t2s", [t2s["waves"][i] for i in firsts], judges.sample_rate)
+    sample_lib.save_wavs(out / "t2s", waves, judges.sample_rate)
     sample_lib.write_texts(out / "text_samples.txt", texts, ["unconditional"] * len(texts))
     (out / "report.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(res))
@@ -479,70 +403,38 @@ def report(
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    """Markdown table lines (floats with 3 decimals)."""
+    """Markdown table lines, after a blank line (floats with 3 decimals, None as an empty cell)."""
     cell = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(cell(v) for v in row) + " |" for row in rows
-    ]
+    lines = ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
 def markdown(res: dict) -> str:
     """The report as markdown tables: each figure beside its judge's score on real data."""
     g, c, lk, ar = res["generation"], res["ceilings"], res["likelihood"], res.get("ar_likelihood", {})
-    lines = [f"# Evaluation of {res['checkpoint']} (step {res['step']})", ""]
-    lines += table(
-        ["task (test split)", "accuracy", "judge on real data, through the tokenizer"],
-        [
-            [
-                "text-to-image: the digit judge reads the captioned digit",
-                g["t2i"]["accuracy"],
-                c["image_judge_on_tokens"],
-            ],
-            ["captioning: the caption names the digit", g["i2t"]["accuracy"], None],
-            ["speech recognition: the transcript names the digit", g["s2t"]["accuracy"], None],
-            [
-                "text-to-speech: pocketsphinx (digit grammar) recognizes it",
-                g["t2s"].get("accuracy"),
-                c["speech_judge_on_codec"],
-            ],
-        ],
-    )
-    lines += [
-        "",
-        f"Classifier-space Fréchet distance of generated digits to real test digits: "
-        f"{g['t2i']['frechet_distance']:.3f} (not comparable to published FID). Judges on the raw held-out "
-        f"data: digit judge {c['image_judge_on_real']:.3f}, pocketsphinx {c['speech_judge_on_real']:.3f}.",
-        "",
+    tg, s = res["text_generation"], res["samplers"]
+    tasks = [  # (task, what is judged, the judge's score on real data through the tokenizer)
+        ("t2i", "text-to-image: the digit judge reads the captioned digit", c["image_judge_on_tokens"]),
+        ("i2t", "captioning: the caption names the digit", None),
+        ("s2t", "speech recognition: the transcript names the digit", None),
+        ("t2s", "text-to-speech: pocketsphinx (digit grammar) recognizes it", c["speech_judge_on_codec"]),
     ]
-    lines += table(
-        ["likelihood (test split, bits)", "masked diffusion NELBO", "autoregressive twin NLL"],
-        [[k.replace("_", " "), v, ar.get(k)] for k, v in lk.items()],
-    )
+    lines = [f"# Evaluation of {res['checkpoint']} (step {res['step']})"]
+    header = ["task (test split)", "accuracy", "judge on real data, through the tokenizer"]
+    lines += table(header, [[what, g[t].get("accuracy"), ceiling] for t, what, ceiling in tasks])
+    raw = f"digit judge {c['image_judge_on_real']:.3f}, pocketsphinx {c['speech_judge_on_real']:.3f}"
+    lines += ["", f"Judges on the raw held-out data: {raw}."]
+    header = ["likelihood (test split, bits)", "masked diffusion NELBO", "autoregressive twin NLL"]
+    lines += table(header, [[k.replace("_", " "), v, ar.get(k)] for k, v in lk.items()])
     if ar:
         ratio = lk["text_bits_per_token"].mean / ar["text_bits_per_token"].mean
         lines += ["", f"Text NELBO / AR twin NLL = {ratio:.3f}."]
-    tg = res["text_generation"]
-    nll = lambda q: q.get("ar_bits_per_token", "(pass --ar)")  # noqa: E731
-    lines += [
-        "",
-        *table(
-            ["unconditional text", "unigram entropy (bits)", "AR twin NLL (bits/token)"],
-            [
-                [f"{len(res['text_samples'])} samples", tg["samples"]["unigram_entropy_bits"], nll(tg["samples"])],
-                ["real test text", tg["real_test_text"]["unigram_entropy_bits"], nll(tg["real_test_text"])],
-            ],
-        ),
-    ]
-    sampler = lambda s: (  # noqa: E731
-        f"{s['sampler']}, {s['steps']} steps, {s['schedule']}, T={s['temperature']}, guidance {s['guidance']}"
-    )
-    lines += [
-        "",
-        *table(
-            ["sampler per task", "settings", "NFE", "seconds per sample"],
-            [[t, sampler(res["samplers"][t]), m["nfe"], m["seconds_per_sample"]] for t, m in g.items()],
-        ),
-    ]
+    rows = [(f"{len(res['text_samples'])} samples", tg["samples"]), ("real test text", tg["real_test_text"])]
+    header = ["unconditional text", "unigram entropy (bits)", "AR twin NLL (bits/token)"]
+    lines += table(header, [[w, q["unigram_entropy_bits"], q.get("ar_bits_per_token", "(pass --ar)")] for w, q in rows])
+    settings = "{sampler}, {steps} steps, {schedule}, T={temperature}, guidance {guidance}"
+    rows = [[t, settings.format(**s[t]), m["nfe"], m["seconds_per_sample"]] for t, m in g.items()]
+    lines += table(["sampler per task", "settings", "NFE", "seconds per sample"], rows)
     lines += ["", "Unconditional text samples:", ""] + [f"> {t[:300]!r}" for t in res["text_samples"][:4]]
     return "\n".join(lines) + "\n"
 

@@ -1,22 +1,20 @@
 """Media tokens: how an image or a sound becomes a short sequence of integers.
 
-``data.py`` turns every modality into tokens of one shared vocabulary (``mdm.Vocab``); text uses
-the BPE of ``bpe.py``. This file holds the media tokenizers, from the simplest to the learned ones:
+``data.py`` turns every modality into tokens of one shared vocabulary (``mdm.Vocab``); text uses the BPE
+of ``bpe.py``. This file holds the media tokenizers, from the simplest to the learned ones:
 
 1. ``PixelTokenizer``    gray-level patches as tokens: the default for the 8x8 digits (no training).
-2. ``FSQ``               finite scalar quantization (Mentzer et al., 2023): round each of a few
-                         bounded latent channels to a handful of levels; the tuple of levels is the
-                         token. No codebook, no commitment loss, every code usable.
-3. ``AudioCodec``        log-magnitude STFT frames -> 1-D conv encoder -> FSQ -> ~31 tokens per
-                         second -> 1-D conv decoder -> magnitudes -> Griffin-Lim -> waveform. A clip
-                         is padded or cropped to a fixed duration, so every clip is exactly
-                         ``tokens_per_clip`` tokens: the sequence layout needs a fixed audio segment.
+2. ``FSQ``               finite scalar quantization (Mentzer et al., 2023): round each of a few bounded
+                         latent channels to a handful of levels; the tuple of levels is the token. No
+                         codebook, no commitment loss, every code usable.
+3. ``AudioCodec``        log-magnitude STFT frames -> 1-D conv encoder -> FSQ -> ~31 tokens per second
+                         -> 1-D conv decoder -> magnitudes -> Griffin-Lim -> waveform, on clips padded or
+                         cropped to the fixed length the sequence layout needs (``tokens_per_clip`` tokens).
 4. ``ImageAutoencoder``  a conv autoencoder with FSQ for larger or colour images (28x28 -> 49 tokens).
-5. Loading: ``load_audio_codec`` and ``load_image_tokenizer`` read this project's checkpoints
-   (tensors only, never code), checking the sha256 a run recorded for them.
+5. Loading: ``load_audio_codec`` and ``load_image_tokenizer`` read this project's checkpoints (tensors
+   only, never code), checking the sha256 a run recorded for them.
 
-The committed ``assets/audio_codec.pt`` was trained on ``assets/spoken_digits.npz``; the commands that
-train and measure these tokenizers are in the lab (``python -m lab.tokenizers --help``).
+The committed ``assets/audio_codec.pt`` was trained on ``assets/spoken_digits.npz`` by ``python -m lab.tokenizers``.
 """
 
 from __future__ import annotations
@@ -38,25 +36,20 @@ DEFAULT_AUDIO_CODEC = ROOT / "assets" / "audio_codec.pt"
 FORMAT_AUDIO = "trimodal-mdm/audio-codec/v1"
 FORMAT_IMAGE = "trimodal-mdm/image-autoencoder/v1"
 
-# ----------------------------------------------------------------------------------------------
-# 1. Gray-level patches
-# ----------------------------------------------------------------------------------------------
 
-
+# --- 1. Gray-level patches --------------------------------------------------------------------
 class PixelTokenizer:
     """Gray-level patches as tokens: small grayscale images without any training.
 
-    An image of side x side pixels with integer gray levels 0 .. in_levels-1 is quantized to
-    ``levels`` gray levels, q = round(x (levels-1)/(in_levels-1)), and cut into (side/patch)^2
-    patches of patch x patch pixels; a patch is one token, its levels read as a number in base
-    ``levels`` (row-major): id = sum_j q_j levels^j. Vocabulary: levels^(patch^2) ids.
+    An image of side x side pixels with integer gray levels 0 .. in_levels-1 is quantized to ``levels``
+    gray levels, q = round(x (levels-1)/(in_levels-1)), and cut into (side/patch)^2 patches of patch x patch
+    pixels; a patch is one token, its levels read as a number in base ``levels`` (row-major):
+    id = sum_j q_j levels^j. Vocabulary: levels^(patch^2) ids.
 
-    * ``PixelTokenizer(levels=17, patch=1)``: one token per pixel, lossless for the 8x8 digits
-      (64 tokens of 17 gray levels).
-    * The default ``PixelTokenizer(levels=4, patch=2)``: 16 tokens of 256 values per digit; four
-      gray levels keep the digit judge's accuracy (0.983 on the test digits, against 0.994 at 17
-      levels), and four times fewer image tokens make every image-text row shorter and each token
-      more telling, which is what lets the tiny model learn the image-text tasks on a laptop CPU.
+    * ``PixelTokenizer(levels=17, patch=1)``: one token per pixel, lossless for the 8x8 digits.
+    * The default ``PixelTokenizer(levels=4, patch=2)``: 16 tokens of 256 values per digit. Four gray
+      levels keep the digits recognizable, and four times fewer image tokens make every image-text row
+      shorter and each token more telling, which lets the tiny model learn the image-text tasks on a CPU.
     """
 
     def __init__(self, levels: int = 4, patch: int = 2, side: int = 8, in_levels: int = 17) -> None:
@@ -65,23 +58,7 @@ class PixelTokenizer:
         if not 2 <= levels <= in_levels:
             raise ValueError(f"levels must lie in [2, {in_levels}], got {levels}")
         self.levels, self.patch, self.side, self.in_levels = levels, patch, side, in_levels
-
-    @property
-    def vocab_size(self) -> int:
-        return self.levels ** (self.patch * self.patch)
-
-    @property
-    def tokens_per_image(self) -> int:
-        return (self.side // self.patch) ** 2
-
-    def _patches(self, a: np.ndarray) -> np.ndarray:
-        """(side, side) -> (n_patches, patch * patch), patches and their pixels in row-major order."""
-        n, p = self.side // self.patch, self.patch
-        return a.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)
-
-    def _image(self, patches: np.ndarray) -> np.ndarray:
-        n, p = self.side // self.patch, self.patch
-        return patches.reshape(n, n, p, p).transpose(0, 2, 1, 3).reshape(self.side, self.side)
+        self.vocab_size, self.tokens_per_image = levels ** (patch * patch), (side // patch) ** 2
 
     def encode(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -90,8 +67,9 @@ class PixelTokenizer:
         if image.min() < 0 or image.max() > self.in_levels - 1 or not np.allclose(image, np.rint(image)):
             raise ValueError(f"pixel values must be integers in [0, {self.in_levels}); quantize first (to_gray_levels)")
         q = np.rint(np.rint(image) * (self.levels - 1) / (self.in_levels - 1)).astype(np.int64)
-        powers = self.levels ** np.arange(self.patch * self.patch)
-        return self._patches(q) @ powers
+        n, p = self.side // self.patch, self.patch
+        patches = q.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)  # both in row-major order
+        return patches @ self.levels ** np.arange(p * p)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids).astype(np.int64)
@@ -99,8 +77,9 @@ class PixelTokenizer:
             raise ValueError(f"expected {self.tokens_per_image} image tokens, got shape {ids.shape}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"image token ids must lie in [0, {self.vocab_size})")
-        digits = self._levels(ids)
-        return np.rint(self._image(digits) * (self.in_levels - 1) / (self.levels - 1)).astype(np.int64)
+        n, p = self.side // self.patch, self.patch
+        q = self._levels(ids).reshape(n, n, p, p).transpose(0, 2, 1, 3).reshape(self.side, self.side)  # un-patch
+        return np.rint(q * (self.in_levels - 1) / (self.levels - 1)).astype(np.int64)
 
     def _levels(self, ids: np.ndarray) -> np.ndarray:
         """(n,) ids -> (n, patch * patch) the gray level of each pixel of each patch (the base-levels digits)."""
@@ -111,33 +90,27 @@ class PixelTokenizer:
         return self._levels(np.arange(self.vocab_size)).astype(np.float32)
 
     def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
-        """Any grayscale/colour image array (H, W[, C]) with values in [0, 255] -> side x side levels.
+        """Any grayscale/colour image (H, W[, C]) in [0, 255] -> side x side levels 0 .. in_levels-1.
 
-        Resized by area averaging (PIL) to ``in_levels`` gray levels, bright = ink as in the digits
-        data (so dark-on-light images are inverted when their mean is bright).
+        Resized by area averaging (PIL); bright = ink as in the digits data, so a bright image is inverted.
         """
         from PIL import Image
 
         img = Image.fromarray(np.asarray(image).astype(np.uint8)).convert("L").resize((self.side, self.side), Image.BOX)
         a = np.asarray(img, dtype=np.float64) / 255.0
-        if a.mean() > 0.5:
-            a = 1.0 - a
+        a = 1.0 - a if a.mean() > 0.5 else a
         return np.rint(a * (self.in_levels - 1)).astype(np.int64)
 
     def to_dict(self) -> dict:
         return {"levels": self.levels, "patch": self.patch, "side": self.side, "in_levels": self.in_levels}
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Finite scalar quantization
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 2. Finite scalar quantization ------------------------------------------------------------
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple", 2023).
 
-    A latent z in R^d (d = len(levels)) is squashed channel by channel into a bounded interval and
-    rounded to L_j levels:
+    A latent z in R^d (d = len(levels), the last dimension of every tensor here) is squashed channel by
+    channel into a bounded interval and rounded to L_j levels:
 
         h_j   = (L_j - 1)(1 - eps)/2,   o_j = 0.5 if L_j is even else 0,   s_j = tan(o_j / h_j)
         b_j   = h_j tanh(z_j + s_j) - o_j                   (bounded: round(b_j) takes L_j values)
@@ -145,33 +118,28 @@ class FSQ(nn.Module):
 
     (s_j shifts even-L channels so that b_j spans L_j integers, with tan as in the paper's reference code:
     ~ atanh(o_j/h_j) for large L_j, and finite for L_j = 2 where atanh(o_j/h_j) is not.)
-    round_ste(x) = x + stopgrad(round(x) - x) is rounding in the forward pass and the identity in the
-    backward pass (the straight-through estimator), so the encoder gets the gradient of the decoder
-    loss as if there were no quantizer. The implicit codebook is the grid prod_j {L_j levels}: its
-    size is prod_j L_j (e.g. (7, 5, 5, 5) -> 875) and a code's index is its mixed-radix number
+    round_ste(x) = x + stopgrad(round(x) - x) is rounding in the forward pass and the identity in the backward
+    pass (the straight-through estimator), so the encoder gets the gradient of the decoder loss as if there
+    were no quantizer. The implicit codebook is the grid prod_j {L_j levels}: its size is prod_j L_j
+    (e.g. (7, 5, 5, 5) -> 875) and a code's index is its mixed-radix number
 
         index = sum_j digit_j * prod_{k<j} L_k,   digit_j = q_j floor(L_j/2) + floor(L_j/2) in [0, L_j).
-
-    Channels are the last dimension of every tensor here.
     """
 
     def __init__(self, levels: tuple[int, ...] = (7, 5, 5, 5), eps: float = 1e-3) -> None:
         super().__init__()
         if len(levels) == 0 or any(int(n) < 2 for n in levels):
             raise ValueError(f"FSQ needs at least one channel and every level count >= 2, got {levels}")
-        lv = torch.tensor([int(n) for n in levels], dtype=torch.long)
         self.levels = tuple(int(n) for n in levels)
-        self.dim = len(levels)
-        self.codebook_size = int(torch.prod(lv))
+        self.dim, self.codebook_size = len(self.levels), math.prod(self.levels)
+        lv = torch.tensor(self.levels, dtype=torch.long)
         half_l = (lv.double() - 1) * (1 - eps) / 2
         offset = torch.where(lv % 2 == 0, 0.5, 0.0).double()
-        self.register_buffer("half_l", half_l.float(), persistent=False)
-        self.register_buffer("offset", offset.float(), persistent=False)
-        self.register_buffer("shift", torch.tan(offset / half_l).float(), persistent=False)
-        self.register_buffer("half_width", (lv // 2).float(), persistent=False)
         basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)  # 1, L_0, L_0 L_1, ...
-        self.register_buffer("basis", basis, persistent=False)
-        self.register_buffer("lv", lv, persistent=False)
+        buffers = {"half_l": half_l, "offset": offset, "shift": torch.tan(offset / half_l), "half_width": lv // 2}
+        buffers = {k: v.float() for k, v in buffers.items()} | {"basis": basis, "lv": lv}  # float32, then int64
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
 
     def bound(self, z: Tensor) -> Tensor:
         return torch.tanh(z + self.shift) * self.half_l - self.offset
@@ -183,8 +151,7 @@ class FSQ(nn.Module):
 
     def codes_to_indices(self, q: Tensor) -> Tensor:
         """(..., d) codes -> (...,) int64 indices in [0, codebook_size)."""
-        digits = torch.round(q * self.half_width + self.half_width).long()
-        return (digits * self.basis).sum(-1)
+        return (torch.round(q * self.half_width + self.half_width).long() * self.basis).sum(-1)  # digits . basis
 
     def indices_to_codes(self, idx: Tensor) -> Tensor:
         """(...,) indices -> (..., d) codes; the inverse of ``codes_to_indices``."""
@@ -201,23 +168,21 @@ class FSQ(nn.Module):
         return q, self.codes_to_indices(q)
 
 
-def check_indices(ids: Tensor, vocab_size: int, what: str) -> None:
+def check_indices(ids: Tensor, vocab_size: int, what: str, length: int = 0) -> None:
+    if length and (ids.dim() != 2 or ids.shape[1] != length):
+        raise ValueError(f"expected (B, {length}) {what} token ids, got shape {tuple(ids.shape)}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"{what} token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The audio codec
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 3. The audio codec -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class AudioCodecConfig:
     """Shape of the audio codec. Frames: hop samples apart, n_fft long (Hann window, 75% overlap).
 
-    tokens per second = sample_rate / (hop * frames_per_token); defaults: 12000 / (96 * 4) = 31.25.
-    clip_seconds * sample_rate must be a multiple of hop * frames_per_token, so a clip is exactly
-    tokens_per_clip tokens (default 1.024 s -> 32 tokens; the longest spoken digit is 0.84 s).
+    n_frames = n_samples / hop; tokens per second = sample_rate / (hop * frames_per_token), by default
+    12000 / (96 * 4) = 31.25. clip_seconds * sample_rate must be a multiple of hop * frames_per_token, so a
+    clip is exactly tokens_per_clip tokens (default 1.024 s -> 32 tokens, longer than any spoken digit clip).
     """
 
     sample_rate: int = 12000
@@ -234,24 +199,18 @@ class AudioCodecConfig:
     def __post_init__(self) -> None:
         if self.frames_per_token < 1 or self.frames_per_token & (self.frames_per_token - 1):
             raise ValueError(f"frames_per_token must be a power of two, got {self.frames_per_token}")
-        n = self.clip_seconds * self.sample_rate
-        if abs(n - round(n)) > 1e-6 or round(n) % (self.hop * self.frames_per_token):
-            raise ValueError(
-                f"clip_seconds * sample_rate = {n:g} samples must be a multiple of hop * frames_per_token "
-                f"= {self.hop * self.frames_per_token}"
-            )
+        n, k = self.clip_seconds * self.sample_rate, self.hop * self.frames_per_token
+        if abs(n - round(n)) > 1e-6 or round(n) % k:
+            msg = f"clip_seconds * sample_rate = {n:g} samples must be a multiple of hop * frames_per_token = {k}"
+            raise ValueError(msg)
 
     @property
     def n_samples(self) -> int:
         return round(self.clip_seconds * self.sample_rate)
 
     @property
-    def n_frames(self) -> int:
-        return self.n_samples // self.hop
-
-    @property
     def tokens_per_clip(self) -> int:
-        return self.n_frames // self.frames_per_token
+        return self.n_samples // (self.hop * self.frames_per_token)
 
     @property
     def n_bins(self) -> int:
@@ -307,11 +266,11 @@ def istft(spec: Tensor, n_fft: int, hop: int, length: int) -> Tensor:
 def griffin_lim(mag: Tensor, n_fft: int, hop: int, length: int, n_iter: int = 64, momentum: float = 0.99) -> Tensor:
     """Waveforms whose STFT magnitude is close to ``mag`` (B, bins, frames): the fast Griffin-Lim algorithm.
 
-    Griffin & Lim (1984) alternate two projections: keep the phase of X, impose the magnitude
-    (X <- |S| X/|X|), and go to the nearest consistent spectrogram (X <- STFT(ISTFT(X))). The
-    "fast" variant (Perraudin et al., 2013) extrapolates the phase with a momentum term,
-    X_n <- P(X_n) + alpha (P(X_n) - P(X_{n-1})) with alpha ~ 0.99, converging in far fewer
-    iterations. Phases start at 0 (deterministic: the same magnitudes give the same waveform).
+    Griffin & Lim (1984) alternate two projections: keep the phase of X, impose the magnitude (X <- |S| X/|X|),
+    and go to the nearest consistent spectrogram (X <- STFT(ISTFT(X))). The "fast" variant (Perraudin et al.,
+    2013) extrapolates the phase with a momentum term, X_n <- P(X_n) + alpha (P(X_n) - P(X_{n-1})) with
+    alpha ~ 0.99, converging in far fewer iterations. Phases start at 0 (deterministic: the same magnitudes
+    give the same waveform).
     """
     angles = torch.ones_like(mag, dtype=torch.complex64)
     previous = torch.zeros_like(angles)
@@ -336,25 +295,20 @@ class AudioCodec(nn.Module):
             conv encoder (time / frames_per_token) -> FSQ indices, ``tokens_per_clip`` of them.
     decode: indices -> FSQ codes -> conv decoder -> features -> |S| -> Griffin-Lim -> wave.
 
-    The STFT has n_frames + 1 centred frames; the encoder sees the first n_frames and decoding
-    appends one silent frame (the last frame covers only the final hop/2 samples of the clip).
-    Numpy API for data.py and sample.py: ``encode(wave) -> (tokens_per_clip,) int64`` and
-    ``decode(ids) -> (n_samples,) float32``; the ``*_tensor`` methods are the batched torch forms.
+    The STFT has n_frames + 1 centred frames; the encoder sees the first n_frames and decoding appends one
+    silent frame (the last frame covers only the final hop/2 samples of the clip). ``encode``/``decode`` (one
+    clip) and ``*_batch`` take and give numpy arrays; ``*_tensor``, batched torch tensors (TorchScript exports).
     """
 
     def __init__(self, cfg: AudioCodecConfig = AudioCodecConfig()) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.fsq = FSQ(cfg.levels)
-        self.encoder = audio_encoder(cfg)
-        self.decoder = audio_decoder(cfg)
+        self.cfg, self.fsq = cfg, FSQ(cfg.levels)
+        self.encoder, self.decoder = audio_encoder(cfg), audio_decoder(cfg)
         self.register_buffer("feat_mean", torch.zeros(cfg.n_bins, 1))
         self.register_buffer("feat_std", torch.ones(cfg.n_bins, 1))
         # plain attributes (TorchScript keeps them; the adapters read them)
-        self.vocab_size: int = self.fsq.codebook_size
-        self.sample_rate: int = cfg.sample_rate
-        self.tokens_per_clip: int = cfg.tokens_per_clip
-        self.clip_seconds: float = cfg.clip_seconds
+        self.vocab_size, self.tokens_per_clip = self.fsq.codebook_size, cfg.tokens_per_clip
+        self.sample_rate, self.clip_seconds = cfg.sample_rate, cfg.clip_seconds
         self.n_fft, self.hop, self.n_samples = cfg.n_fft, cfg.hop, cfg.n_samples
         self.log_floor, self.griffin_lim_iters = cfg.log_floor, cfg.griffin_lim_iters
 
@@ -362,7 +316,6 @@ class AudioCodec(nn.Module):
         """(vocab_size, d): the FSQ code of every token id."""
         return self.fsq.code_vectors()
 
-    # --- features ---------------------------------------------------------------------------
     def magnitudes(self, waves: Tensor) -> Tensor:
         """(B, n_samples) -> (B, n_bins, n_frames) |STFT| (the last, half-empty frame dropped)."""
         return stft(waves, self.n_fft, self.hop).abs()[..., :-1]
@@ -370,23 +323,15 @@ class AudioCodec(nn.Module):
     def features(self, mag: Tensor) -> Tensor:
         return (torch.log(mag + self.log_floor) - self.feat_mean) / self.feat_std
 
-    def magnitudes_from_features(self, feats: Tensor) -> Tensor:
-        return (torch.exp(feats * self.feat_std + self.feat_mean) - self.log_floor).clamp_min(0.0)
-
     def set_normalization(self, mags: Tensor) -> None:
         """Per-bin mean and std of log-magnitudes over a (B, n_bins, n_frames) training sample."""
         logs = torch.log(mags + self.log_floor)
         self.feat_mean.copy_(logs.mean(dim=(0, 2))[:, None])
         self.feat_std.copy_(logs.std(dim=(0, 2))[:, None].clamp_min(1e-3))
 
-    # --- batched torch API ---------------------------------------------------------------------
     def latents(self, waves: Tensor) -> Tensor:
         """(B, n_samples) -> (B, tokens, d) continuous latents before FSQ."""
         return self.encoder(self.features(self.magnitudes(waves))).transpose(1, 2)
-
-    def decode_features(self, codes: Tensor) -> Tensor:
-        """(B, tokens, d) FSQ codes -> (B, n_bins, n_frames) predicted features."""
-        return self.decoder(codes.transpose(1, 2))
 
     @torch.jit.export
     def encode_tensor(self, waves: Tensor) -> Tensor:
@@ -396,15 +341,15 @@ class AudioCodec(nn.Module):
     @torch.jit.export
     def decode_tensor(self, ids: Tensor) -> Tensor:
         """(B, tokens_per_clip) ids -> (B, n_samples) waves, by Griffin-Lim from decoded magnitudes."""
-        mag = self.magnitudes_from_features(self.decode_features(self.fsq.indices_to_codes(ids)))
+        feats = self.decoder(self.fsq.indices_to_codes(ids).transpose(1, 2))
+        mag = (torch.exp(feats * self.feat_std + self.feat_mean) - self.log_floor).clamp_min(0.0)  # features^-1
         mag = F.pad(mag, (0, 1))  # the dropped last frame, silent
         return griffin_lim(mag, self.n_fft, self.hop, self.n_samples, self.griffin_lim_iters)
 
     def forward(self, waves: Tensor) -> Tensor:
         """Training pass: (B, n_samples) -> reconstructed features (B, n_bins, n_frames)."""
-        return self.decode_features(self.fsq(self.latents(waves)))
+        return self.decoder(self.fsq(self.latents(waves)).transpose(1, 2))
 
-    # --- numpy API ------------------------------------------------------------------------------
     def encode(self, wave: np.ndarray) -> np.ndarray:
         """One waveform (float, at ``sample_rate``) -> (tokens_per_clip,) int64 ids in [0, vocab_size)."""
         return self.encode_batch([wave])[0]
@@ -420,25 +365,17 @@ class AudioCodec(nn.Module):
 
     def decode_batch(self, ids: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
-        if t.dim() != 2 or t.shape[1] != self.tokens_per_clip:
-            raise ValueError(f"expected (B, {self.tokens_per_clip}) audio token ids, got shape {tuple(t.shape)}")
-        check_indices(t, self.vocab_size, "audio")
+        check_indices(t, self.vocab_size, "audio", self.tokens_per_clip)
         with torch.no_grad():
             return self.decode_tensor(t).numpy()
 
-    # --- storage ----------------------------------------------------------------------------------
     def save(self, path: str | Path, half: bool = True) -> None:
         """Plain tensors + a config dict (float16 weights by default: half the size, no audible change)."""
         state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
         torch.save({"format": FORMAT_AUDIO, "config": asdict(self.cfg), "state_dict": state}, path)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# 4. The image autoencoder
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 4. The image autoencoder -----------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageAEConfig:
     """A conv autoencoder: (C, S, S) images in [0, 1] -> (S/4)^2 FSQ tokens (28x28 -> 7x7 = 49)."""
@@ -465,9 +402,8 @@ class ImageAutoencoder(nn.Module):
 
     def __init__(self, cfg: ImageAEConfig = ImageAEConfig()) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.fsq = cfg, FSQ(cfg.levels)
         w, d = cfg.width, len(cfg.levels)
-        self.fsq = FSQ(cfg.levels)
         self.encoder = nn.Sequential(
             nn.Conv2d(cfg.in_channels, w, 3, padding=1), nn.GELU(),
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.GELU(),
@@ -482,9 +418,8 @@ class ImageAutoencoder(nn.Module):
             nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(w, cfg.in_channels, 3, padding=1),
         )  # fmt: skip
-        self.vocab_size: int = self.fsq.codebook_size
-        self.tokens_per_image: int = cfg.tokens_per_image
-        self.image_size: int = cfg.image_size
+        self.vocab_size, self.tokens_per_image = self.fsq.codebook_size, cfg.tokens_per_image
+        self.image_size = cfg.image_size
 
     def code_vectors(self) -> np.ndarray:
         """(vocab_size, d): the FSQ code of every token id."""
@@ -504,8 +439,7 @@ class ImageAutoencoder(nn.Module):
     @torch.jit.export
     def decode_tensor(self, ids: Tensor) -> Tensor:
         """(N, (S/4)^2) ids -> (N, C, S, S) images in [0, 1]."""
-        side = self.image_size // 4
-        codes = self.fsq.indices_to_codes(ids.reshape(ids.shape[0], side, side))
+        codes = self.fsq.indices_to_codes(ids.reshape(ids.shape[0], self.image_size // 4, self.image_size // 4))
         return torch.sigmoid(self.decoder(codes.permute(0, 3, 1, 2)))
 
     def _to_tensor(self, images: np.ndarray) -> Tensor:
@@ -524,9 +458,7 @@ class ImageAutoencoder(nn.Module):
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """(N, tokens_per_image) ids -> images shaped like the encoder's input, in [0, 1]."""
         t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
-        if t.dim() != 2 or t.shape[1] != self.tokens_per_image:
-            raise ValueError(f"expected (N, {self.tokens_per_image}) image token ids, got shape {tuple(t.shape)}")
-        check_indices(t, self.vocab_size, "image")
+        check_indices(t, self.vocab_size, "image", self.tokens_per_image)
         with torch.no_grad():
             x = self.decode_tensor(t)
         return (x[:, 0] if self.cfg.in_channels == 1 else x.permute(0, 2, 3, 1)).numpy()
@@ -535,12 +467,7 @@ class ImageAutoencoder(nn.Module):
         torch.save({"format": FORMAT_IMAGE, "config": asdict(self.cfg), "state_dict": self.state_dict()}, path)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# 5. Loading: this project's tokenizer checkpoints (tensors, never code)
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 5. Loading: this project's tokenizer checkpoints (tensors, never code) -------------------
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes ("" if there is no such file)."""
     p = Path(path)
@@ -550,10 +477,9 @@ def file_sha256(path: str | Path) -> str:
 def read_tokenizer(path: str | Path, expected: str, sha256: str = "") -> dict:
     """A tokenizer checkpoint saved by this file, read with ``weights_only=True`` (tensors, no code).
 
-    ``sha256``, when given, is the hash a run recorded for this file: a different file is refused
-    (it would give the model other tokens than it was trained on). A TorchScript archive is refused
-    too: it is a program, and loading it runs its code (``lab/torchscript.py`` wraps one for your
-    own scripts).
+    ``sha256``, when given, is the hash a run recorded for this file: a different file is refused (it would
+    give the model other tokens than it was trained on). A TorchScript archive is refused too: it is a
+    program, and loading it runs its code (``lab/torchscript.py`` wraps one for your own scripts).
     """
     path, what = Path(path), expected.split("/")[1].replace("-", " ")
     if not path.is_file():
@@ -579,8 +505,7 @@ def read_tokenizer(path: str | Path, expected: str, sha256: str = "") -> dict:
 
 
 def _from_blob(blob: dict, model_cls: type, config_cls: type) -> nn.Module:
-    cfg = {**blob["config"], "levels": tuple(blob["config"]["levels"])}
-    model = model_cls(config_cls(**cfg))
+    model = model_cls(config_cls(**{**blob["config"], "levels": tuple(blob["config"]["levels"])}))
     model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
     return model.eval()
 

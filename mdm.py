@@ -35,10 +35,7 @@ from itertools import combinations
 import torch
 from torch import Tensor
 
-# ----------------------------------------------------------------------------------------------
-# 1. The unified vocabulary
-# ----------------------------------------------------------------------------------------------
-
+# --- 1. The unified vocabulary --------------------------------------------------------------------
 MODALITIES: tuple[str, ...] = ("text", "audio", "image")
 TASKS: tuple[str, ...] = ("text", "image_text", "audio_text")
 
@@ -216,10 +213,7 @@ def _check_modality(modality: str) -> str:
     return modality
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Noise schedules
-# ----------------------------------------------------------------------------------------------
-
+# --- 2. Noise schedules ---------------------------------------------------------------------------
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "poly")
 
 
@@ -292,11 +286,7 @@ class Schedule:
         return f"poly{self.p:g}" if self.kind == "poly" else self.kind
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The forward process q(x_t | x_0)
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 3. The forward process q(x_t | x_0) ----------------------------------------------------------
 def sample_times(
     n: int, t_min: float = 1e-3, stratified: bool = True, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -465,10 +455,7 @@ def reveal_segments(c: Corrupted, given: Tensor) -> Corrupted:
     return Corrupted(c.x0, x_t, c.masked & ~given, c.maskable & ~given, c.t, c.weight)
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. The loss: an unbiased estimate of the negative ELBO
-# ----------------------------------------------------------------------------------------------
-
+# --- 4. The loss: an unbiased estimate of the negative ELBO ---------------------------------------
 # nll_fn(x_t, x0, where) -> (n,) float: -log p_theta(x0_i | x_t) at the n positions where (B, L) is
 # True, in row-major order. ``Denoiser.nll_at`` is one; the tests pass exact "oracle" ones.
 NllFn = Callable[[Tensor, Tensor, Tensor], Tensor]

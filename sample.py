@@ -5,28 +5,16 @@ in place (the task token, the structural BOS/EOS tokens, a prompt, an image to c
 position to generate holds MASK_m of its modality m. Time moves from t = 1 (everything unknown is
 masked) to t = 0 (nothing is) over S steps; at each step some masked positions are revealed with
 tokens drawn from p_theta(x_0 | x_t); revealed and known tokens never change again (carry-over).
-A finished sample holds zero MASK tokens.
-
-1. Templates     ``Template``, ``layout_template`` (any row with known and unknown positions) and one
-   builder per task (``task_template``: text, t2i, i2t, t2s, s2t).
-2. One step at a time: ``time_grid``, ``unmask_probability``, ``remaining_counts``, ``guided_logits``,
-   ``token_distribution``, ``draw_categorical``, ``confidence``, ``top_k_per_row``, ``fill_after_end``.
-3. The samplers  ``ancestral_step`` (the exact reverse of the forward process), ``confidence_step``
-   (MaskGIT / LLaDA), and ``sample``, the loop around them, with a ``Predictor`` that caches the
-   denoiser's output while the state does not change and counts network evaluations (NFE).
-4. Settings      ``SamplerConfig`` and the per-task ``PRESETS``.
-5. Outputs and the command line: ``python sample.py --checkpoint CKPT --task t2i --prompt "a seven"``.
 
 Notation: x_t the row at time t, beta_t the probability that a position is masked at time t
 (beta_1 = 1, beta_0 = 0), S the number of steps, NFE the number of network evaluations (one
-forward pass over the whole batch counts one). The denoiser has no time input, which is what makes
-caching exact; ``checkpoint.load_for_inference`` loads a trained one.
+forward pass over the whole batch counts one). ``checkpoint.load_for_inference`` loads a denoiser;
+the command line samples from one: ``python sample.py --checkpoint CKPT --task t2i --prompt "a seven"``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -39,20 +27,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch import Tensor
+from numpy.typing import ArrayLike
+from torch import Generator, Tensor
 
 from checkpoint import Inference, load_for_inference
 from data import MEDIA, Layout, decode_text_ids, resample
 from mdm import MODALITIES, TASKS, Schedule, Vocab
 
-# ----------------------------------------------------------------------------------------------
-# 1. Templates: what is known, what is generated
-# ----------------------------------------------------------------------------------------------
-
-# The generation tasks of the command line and of ``generate``: which row task each one uses and
-# which segment of a pair row it generates ("media" or "text"); "text" generates text rows.
-GENERATION_TASKS: dict[str, tuple[str, str]] = {
+# 1. Templates: what is known, what is generated ---------------------------------------------------
+GENERATION_TASKS: dict[str, tuple[str, str]] = {  # task -> (its row task, the segment generated: media or text)
     "text": ("text", "text"),
     "t2i": ("image_text", "media"),
     "i2t": ("image_text", "text"),
@@ -63,20 +46,16 @@ GENERATION_TASKS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Template:
-    """A batch of rows to complete. Every field is (B, L); the four masks are bool.
+    """A batch of rows to complete: fields (B, L) (1-D: one row); the masks are bool, all False by default.
 
     ids:          known tokens in place; MASK_m at every position to generate (m: its modality).
-    known:        the positions that are given and never change. Exactly the non-MASK positions.
-    cond:         the conditioning segment (a subset of ``known``): what the unconditional pass of
-                  classifier-free guidance replaces by MASK_m (a caption for t2i, an image for i2t,
-                  a prompt for text). Structural tokens (TASK, BOS/EOS of segments) are never in it.
-    ends:         variable-length text slots (a pair's caption or transcript): the end-of-text rule
-                  of ``fill_after_end`` applies there.
+    known:        the positions that are given and never change: exactly the non-MASK positions.
+    cond:         the conditioning segment (within ``known``) that the unconditional pass of guidance
+                  replaces by MASK_m: a caption for t2i, an image for i2t, a prompt for text; never
+                  the structural tokens (TASK, BOS/EOS of segments).
+    ends:         variable-length text slots (a pair's caption or transcript): ``fill_after_end`` applies.
     content_only: positions that may only take their modality's content tokens (fixed-length media
                   slots: a BOS_m or EOS_m there is never data).
-
-    Build one with ``layout_template`` or a task builder; ``Template(ids, known)`` with the last three
-    masks all False is the bare general form.
     """
 
     ids: Tensor
@@ -86,12 +65,9 @@ class Template:
     content_only: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.ids.dim() == 1:
-            self.ids, self.known = self.ids[None], self.known[None]
-        for name in ("cond", "ends", "content_only"):
+        for name in ("ids", "known", "cond", "ends", "content_only"):
             value = getattr(self, name)
-            if value is None:
-                value = torch.zeros_like(self.known, dtype=torch.bool)
+            value = torch.zeros_like(self.known, dtype=torch.bool) if value is None else value
             setattr(self, name, value[None] if value.dim() == 1 else value)
 
     @property
@@ -100,134 +76,99 @@ class Template:
 
     def validate(self, vocab: Vocab) -> None:
         """Raise a clear ValueError unless this is a well-formed template over ``vocab``."""
-        if self.ids.dim() != 2:
-            raise ValueError(f"template ids must be (B, L) or (L,); got shape {tuple(self.ids.shape)}")
+        shape = tuple(self.ids.shape)
+        if len(shape) != 2:
+            raise ValueError(f"template ids must be (B, L) or (L,); got shape {shape}")
         for name in ("known", "cond", "ends", "content_only"):
-            value = getattr(self, name)
-            if value.shape != self.ids.shape or value.dtype != torch.bool:
-                raise ValueError(
-                    f"template.{name} must be a bool tensor of the ids' shape {tuple(self.ids.shape)}; "
-                    f"got {value.dtype} {tuple(value.shape)}"
-                )
+            if (t := getattr(self, name)).shape != shape or t.dtype != torch.bool:
+                raise ValueError(f"template.{name} must be a bool tensor of shape {shape}, not {t.dtype} {[*t.shape]}")
         vocab.check_ids(self.ids)
-        is_mask = vocab.is_mask(self.ids)
+        is_mask, is_text = vocab.is_mask(self.ids), vocab.modality_of(self.ids) == MODALITIES.index("text")
         for wrong, what in (
-            (
-                ~self.known & ~is_mask,
-                "is to be generated (known=False) but holds {tok}; such positions must hold "
-                "the MASK of the modality to generate (MASK_text, MASK_audio or MASK_image)",
-            ),
-            (self.known & is_mask, "is marked known but holds {tok}; give its token or mark it unknown"),
-            (self.cond & ~self.known, "is in the conditioning segment (cond) but is not known ({tok})"),
-            (
-                self.ends & (vocab.modality_of(self.ids) != MODALITIES.index("text")),
-                "is in a variable-length text slot (ends) but is not a text position ({tok})",
-            ),
+            (~self.known & ~is_mask, "is to be generated (known=False) but holds {}, not its modality's MASK_m"),
+            (self.known & is_mask, "is marked known but holds {}; give its token or mark it unknown"),
+            (self.cond & ~self.known, "is in the conditioning segment (cond) but is not known ({})"),
+            (self.ends & ~is_text, "is in a variable-length text slot (ends) but is not a text position ({})"),
         ):
             if wrong.any():
-                r, c = (int(i) for i in wrong.nonzero()[0])
-                raise ValueError(f"template row {r}, position {c} " + what.format(tok=vocab.name(int(self.ids[r, c]))))
+                r, c = wrong.nonzero()[0].tolist()
+                raise ValueError(f"template row {r}, position {c} " + what.format(vocab.name(int(self.ids[r, c]))))
 
     def repeat(self, n: int) -> Template:
         """Each row n times in a row (rows r, r, ..., r, r+1, ...): n samples of every condition."""
         if n < 1:
             raise ValueError(f"the number of samples per template must be >= 1, got {n}")
-        return Template(*(t.repeat_interleave(n, dim=0) for t in self._tensors()))
+        return Template(*(getattr(self, f.name).repeat_interleave(n, dim=0) for f in fields(self)))
 
     @staticmethod
     def cat(templates: Sequence[Template]) -> Template:
         """One batch from several templates of the same row length (they may be different tasks)."""
         if not templates:
             raise ValueError("no templates to concatenate")
-        return Template(*(torch.cat(ts) for ts in zip(*(t._tensors() for t in templates), strict=True)))
-
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return self.ids, self.known, self.cond, self.ends, self.content_only
+        return Template(*(torch.cat([getattr(t, f.name) for t in templates]) for f in fields(Template)))
 
 
 def layout_template(layout: Layout, ids: Tensor, known: Tensor | None = None) -> Template:
     """The general entry point: any row(s) of ``layout`` with known and unknown positions.
 
-    ids (L,) or (B, L) global ids with L = layout.seq_len whose first token is a task token; unknown
-    positions hold MASK_m (``known`` defaults to "every non-MASK position"). The other masks follow
-    from each row's task:
-
-    * pair rows (TASK BOS_m media EOS_m BOS_text text EOS_text PAD ...): ``cond`` = the known
-      positions of the media slot and of the text slot (caption, its EOS_text and PAD_text, which
-      carry the caption's length); ``ends`` = the text slot; ``content_only`` = the media slot.
-    * text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure).
+    ids (L,) or (B, L) global ids, L = layout.seq_len, each row starting with a task token; unknown
+    positions hold MASK_m (``known`` defaults to the non-MASK positions). Pair rows (TASK BOS_m media
+    EOS_m BOS_text text EOS_text PAD ...): ``cond`` = the known positions of both slots (a caption's
+    EOS_text and PAD_text carry its length), ``ends`` = the text slot, ``content_only`` = the media
+    slot. Text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure).
     """
     v = layout.vocab
-    ids = ids[None] if ids.dim() == 1 else ids
-    known = ~v.is_mask(ids) if known is None else (known[None] if known.dim() == 1 else known)
-    if ids.dim() != 2 or ids.shape[1] != layout.seq_len:
-        raise ValueError(f"layout rows must have length seq_len = {layout.seq_len}; got shape {tuple(ids.shape)}")
-    v.check_ids(ids)
-    if not (v.is_task(ids[:, 0]) & known[:, 0]).all():
+    tpl = Template(ids, ~v.is_mask(ids) if known is None else known)
+    if tpl.ids.dim() != 2 or tpl.ids.shape[1] != layout.seq_len:
+        raise ValueError(f"layout rows must have length seq_len = {layout.seq_len}; got shape {tuple(tpl.ids.shape)}")
+    v.check_ids(tpl.ids)
+    if not (v.is_task(tpl.ids[:, 0]) & tpl.known[:, 0]).all():
         raise ValueError(f"every row must start with a known task token ({', '.join(f'TASK_{t}' for t in TASKS)})")
-    cond, ends, content_only = (torch.zeros_like(known) for _ in range(3))
-    text_content = (ids >= v.block_start("text")) & (ids < v.block_start("text") + v.text)
-    for r in range(ids.shape[0]):
-        task = TASKS[int(ids[r, 0]) - v.task(TASKS[0])]
+    text_content = (tpl.ids >= v.block_start("text")) & (tpl.ids < v.block_start("text") + v.text)
+    for r, task in enumerate(TASKS[i - v.task(TASKS[0])] for i in tpl.ids[:, 0].tolist()):
         if task == "text":
-            cond[r] = known[r] & text_content[r]
-            continue
-        media, text = layout.media_slot(task), layout.text_slot(task)
-        cond[r, media], cond[r, text] = known[r, media], known[r, text]
-        ends[r, text] = True
-        content_only[r, media] = True
-    template = Template(ids, known, cond, ends, content_only)
-    template.validate(v)
-    return template
+            tpl.cond[r] = tpl.known[r] & text_content[r]
+        else:
+            media, text = layout.media_slot(task), layout.text_slot(task)
+            tpl.cond[r, media], tpl.cond[r, text] = tpl.known[r, media], tpl.known[r, text]
+            tpl.ends[r, text] = tpl.content_only[r, media] = True
+    tpl.validate(v)
+    return tpl
 
 
 def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
-    """Unconditional text (empty prompt) or prompt continuation: TASK_text BOS_text prompt MASK ...
+    """Unconditional text (empty prompt) or continuation of local text ids: TASK_text BOS_text prompt MASK ...
 
-    ``prompt`` holds local text ids. A text row is a window of the packed stream of documents
-    (BOS_text doc EOS_text BOS_text ...), so the model may end the document and start another one;
-    ``decode_text`` keeps the first document.
+    The row is a window of the packed document stream (BOS_text doc EOS_text BOS_text ...): the model
+    may end the document and start another; ``decode_text`` keeps the first.
     """
     v, room = layout.vocab, prompt_capacity(layout, "text")  # the row after BOS_text
     if len(prompt) > room:
-        raise ValueError(
-            f"the prompt is {len(prompt)} tokens but a text row holds at most {room} after BOS_text "
-            f"(seq_len {layout.seq_len}); shorten it"
-        )
+        raise ValueError(f"the prompt is {len(prompt)} tokens but a text row holds at most {room}; shorten it")
     ids = torch.full((layout.seq_len,), v.mask("text"), dtype=torch.long)
     ids[0], ids[1] = v.task("text"), v.bos("text")
     ids[2 : 2 + len(prompt)] = v.to_global(torch.as_tensor(list(prompt), dtype=torch.long), "text")
     return layout_template(layout, ids)
 
 
-def task_template(
-    layout: Layout, task: str, *, text: Sequence[int] = (), media: Sequence[int] | np.ndarray | None = None
-) -> Template:
-    """One row of a generation task ("text", "t2i", "i2t", "t2s", "s2t") from its condition.
-
-    text, t2i, t2s: ``text`` holds the prompt's local text ids, and the text row (or the pair row's
-    media slot) is all MASK. i2t, s2t: ``media`` holds the local image / audio ids, and the pair
-    row's text slot is all MASK_text. Infilling is ``layout_template`` of a row with MASKs inside.
+def task_template(layout: Layout, task: str, *, text: Sequence[int] = (), media: ArrayLike | None = None) -> Template:
+    """One row of a generation task from its condition: local text ids (text, t2i, t2s; the text row or
+    media slot is all MASK) or local image / audio ids (i2t, s2t; the text slot is all MASK_text).
+    Infilling is ``layout_template`` of a row with MASKs inside.
     """
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(GENERATION_TASKS)}")
     row_task, generated = GENERATION_TASKS[task]
     if row_task == "text":
         return text_template(layout, text)
-    if generated == "media":
-        ids = layout.pair_row(
-            row_task,
-            torch.zeros(layout.media_len(row_task), dtype=torch.long),
-            torch.as_tensor(list(text), dtype=torch.long),
-        )
-        ids[layout.media_slot(row_task)] = layout.vocab.mask(MEDIA[row_task])
-    elif media is None:
+    if generated == "text" and media is None:
         raise ValueError(f"task {task!r} needs the {MEDIA[row_task]} to describe")
-    else:
-        ids = layout.pair_row(
-            row_task, torch.as_tensor(np.asarray(media), dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        )
-        ids[layout.text_slot(row_task)] = layout.vocab.mask("text")
+    if generated == "media":  # a placeholder image / clip, masked below
+        media, slot, m = np.zeros(layout.media_len(row_task)), layout.media_slot(row_task), MEDIA[row_task]
+    else:  # no caption
+        text, slot, m = (), layout.text_slot(row_task), "text"
+    ids = layout.pair_row(row_task, *(torch.as_tensor(np.asarray(xs), dtype=torch.long) for xs in (media, list(text))))
+    ids[slot] = layout.vocab.mask(m)
     return layout_template(layout, ids)
 
 
@@ -237,11 +178,7 @@ def prompt_capacity(layout: Layout, task: str) -> int:
     return layout.text_capacity("text") - 1 if row_task == "text" else layout.text_capacity(row_task)
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. One step at a time
-# ----------------------------------------------------------------------------------------------
-
-
+# 2. One step at a time ----------------------------------------------------------------------------
 def time_grid(steps: int) -> Tensor:
     """t_0 = 1 > t_1 > ... > t_S = 0, uniform in t (float64, S + 1 points; both ends exact)."""
     return 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -251,21 +188,17 @@ def unmask_probability(beta_s: Tensor, beta_next: Tensor) -> Tensor:
     """P(a position masked at time s is revealed by time s' < s) = (beta_s - beta_s') / beta_s.
 
     Why: the forward process masks position i iff u_i < beta_t for one uniform u_i, so the masked
-    sets are nested and P(masked at s' | masked at s) = beta_s' / beta_s. The reverse step keeps a
-    masked position masked with that probability and reveals it otherwise. At the last step
-    beta_0 = 0, so the probability is 1 and nothing stays masked.
+    sets are nested and P(masked at s' | masked at s) = beta_s' / beta_s; the reverse step keeps a
+    masked position masked with that probability. At the last step beta_0 = 0: the probability is 1.
     """
-    if beta_s <= 0:
-        return torch.ones((), dtype=torch.float64)
-    return (beta_s - beta_next) / beta_s
+    return (beta_s - beta_next) / beta_s if beta_s > 0 else torch.ones((), dtype=torch.float64)
 
 
 def remaining_counts(n_start: Tensor, beta_next: Tensor) -> Tensor:
     """How many positions of each row stay masked after a confidence step: round(n_start * beta_s').
 
-    n_start (B,) counts the positions to generate. These are the ancestral sampler's expected counts,
-    n_start * beta_s' (a position is still masked at s' with probability beta_s'), so both samplers
-    reveal tokens at the same average pace along the inference schedule; beta_0 = 0 ends at zero.
+    n_start (B,) counts the positions to generate; n_start * beta_s' is the ancestral sampler's
+    expected count, so both samplers reveal at the same average pace (and beta_0 = 0 ends at zero).
     """
     return torch.round(n_start.double() * beta_next).long()
 
@@ -273,36 +206,30 @@ def remaining_counts(n_start: Tensor, beta_next: Tensor) -> Tensor:
 def guided_logits(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     """Classifier-free guidance: logits_g = logits_u + (1 + w) (logits_c - logits_u).
 
-    Equivalently logits_c + w (logits_c - logits_u): w = 0 is plain conditional sampling, w > 0
-    pushes away from the unconditional model (Ho & Salimans' w; LLaDA's cfg_scale). In the other
-    common form logits_u + w' (logits_c - logits_u) this is w' = 1 + w. Computed on the finite
-    entries only: masking the conditioning segment keeps every position's modality, so the -inf
-    entries (other modalities, MASK, task tokens) coincide in both passes and stay -inf, with no
-    inf - inf = nan.
+    Equivalently logits_c + w (logits_c - logits_u): w = 0 is plain conditional sampling, w > 0 pushes
+    away from the unconditional model (Ho & Salimans' w, LLaDA's cfg_scale; w' = 1 + w in the form
+    logits_u + w' (logits_c - logits_u)). The -inf entries coincide in both passes (masking keeps each
+    position's modality); computing on the finite ones only keeps them -inf, with no inf - inf = nan.
     """
     finite = torch.isfinite(cond)
-    diff = torch.where(finite, cond - uncond, torch.zeros_like(cond))
-    return torch.where(finite, cond + w * diff, cond)
+    return torch.where(finite, cond + w * torch.where(finite, cond - uncond, 0.0), cond)
 
 
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """(n, V) logits -> (n, V) float64 probabilities to draw from: temperature, then top-p.
 
-    p_T(v) ~ exp(logit_v / T); T = 0 means greedy (all mass on the argmax). Top-p (nucleus) keeps
-    the smallest set of most probable tokens whose mass reaches ``top_p`` (always at least one) and
-    renormalises. Everything in float64: a float32/bf16 softmax or Gumbel draw loses the tail and
-    silently lowers the effective temperature (LLaDA's generate.py documents this).
+    p_T(v) ~ exp(logit_v / T), T = 0 greedy (all mass on the argmax). Top-p keeps the smallest set of
+    most probable tokens whose mass reaches ``top_p`` (at least one) and renormalises. In float64: a
+    float32/bf16 softmax or Gumbel draw loses the tail and silently lowers the effective temperature.
     """
     logits = logits.double()
     if temperature == 0:
-        probs = torch.zeros_like(logits)
-        return probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more probable tokens
-        sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the strictly more probable tokens' mass < top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, torch.where(keep, sorted_p, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
@@ -310,9 +237,8 @@ def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tens
 def draw_categorical(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row by inverse CDF: the v with F(v-1) <= u * F(V) < F(v), F the float64 CDF.
 
-    probs (n, V) float64, u (n,) uniforms in [0, 1). A zero-probability token can never be drawn
-    (its CDF step is empty), and one uniform per position makes the noise a fixed function of the
-    random stream.
+    probs (n, V) float64, u (n,) uniforms in [0, 1). A zero-probability token is never drawn (its CDF
+    step is empty); one uniform per position makes the noise a fixed function of the random stream.
     """
     cdf = probs.cumsum(-1)
     target = (u.to(cdf) * cdf[:, -1])[:, None]
@@ -322,54 +248,36 @@ def draw_categorical(probs: Tensor, u: Tensor) -> Tensor:
 def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
     """The confidence of a drawn token: p_theta(x_i = x̂_i | x_t) at temperature 1.
 
-    Precisely: the probability of the token x̂_i that was *drawn* at position i (with the sampler's
-    temperature and top-p), under the denoiser's distribution after guidance and the content-only
-    restriction but *before* temperature and top-p. It is not the maximum probability (unless
-    T = 0, when x̂_i is the argmax) and it does not change with the temperature. This is LLaDA's
-    "low_confidence" remasking: draw a token everywhere, keep the k most confident, re-mask the rest.
+    The probability of the *drawn* x̂_i after guidance and the content-only restriction but *before*
+    temperature and top-p: not the maximum (unless T = 0), independent of T; LLaDA's "low_confidence".
     """
     return torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def top_k_per_row(candidates: Tensor, score: Tensor, k: Tensor) -> Tensor:
-    """(B, L) bool: in each row b, the k[b] candidate positions with the highest score.
-
-    Ties go to the leftmost position (a stable sort), so the choice is a deterministic function of
-    the scores.
-    """
-    B, L = candidates.shape
-    score = torch.where(candidates, score, torch.full_like(score, -math.inf))
-    order = torch.argsort(score, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=order.device).expand(B, L))
+    """(B, L) bool: in each row b, the k[b] candidate positions with the highest score (ties: leftmost)."""
+    order = torch.argsort(score.masked_fill(~candidates, -math.inf), dim=1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=1)  # the inverse permutation: rank[b, i] = the place of position i in order[b]
     return candidates & (rank < k[:, None])
 
 
 def fill_after_end(x: Tensor, ends: Tensor, vocab: Vocab) -> Tensor:
     """The end-of-text rule of a variable-length text slot (a pair's caption or transcript).
 
-    In the training layout the text slot reads ``text EOS_text PAD_text ... PAD_text``: PAD after
-    EOS is data, predicted like any token. Rule: let j be the first position of the slot holding a
-    revealed EOS_text *or* PAD_text (the first end); every still-masked slot position after j becomes
-    PAD_text at once, and the masked positions before j stay to be generated (they may end the text
-    earlier, which moves j left). Tokens revealed after j before the end appeared keep their value
-    (carry-over) and are dropped by ``decode_text``, which also cuts at the first EOS/PAD: a PAD
-    revealed before any EOS is treated as the end, just as an EOS. For the true conditionals this
-    is what the model would sample anyway (PAD follows the end with probability 1); the rule removes
-    a weak model's slips and saves the steps those positions would take.
+    The training layout's slot reads ``text EOS_text PAD_text ... PAD_text``: PAD after EOS is data.
+    Rule: let j be the slot's first position holding a revealed EOS_text *or* PAD_text; every still
+    masked slot position after j becomes PAD_text at once, while those before j stay to be generated
+    (they may end the text earlier, moving j left). Tokens revealed after j before the end appeared
+    keep their value (carry-over); ``decode_text`` cuts at the first EOS/PAD. The true conditionals
+    put PAD after the end with probability 1; the rule removes a weak model's slips and saves steps.
     """
     end = ends & ((x == vocab.eos("text")) | (x == vocab.pad))
     after = ends & (end.long().cumsum(1) > 0) & vocab.is_mask(x)
     return torch.where(after, torch.full_like(x, vocab.pad), x)
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The samplers
-# ----------------------------------------------------------------------------------------------
-
-
-class DenoiserLike(Protocol):
-    """What the samplers need of a model: ``mdm.Denoiser`` or any oracle with the same contract."""
-
+# 3. The samplers ----------------------------------------------------------------------------------
+class DenoiserLike(Protocol):  # what the samplers need: ``model.Denoiser`` or any oracle with its contract
     vocab: Vocab
 
     def __call__(self, x_t: Tensor, where: Tensor | None = None) -> Tensor: ...
@@ -378,53 +286,40 @@ class DenoiserLike(Protocol):
 class Predictor:
     """p_theta(x_0 | x_t) at the masked positions as the samplers use it: guided, restricted, cached, counted.
 
-    Guidance: with w != 0 a second pass sees x_t with the template's conditioning segment replaced by
-    MASK_m (``guided_logits``). Restriction: at ``content_only`` positions BOS_m, EOS_m and PAD_text
-    get probability 0. Caching (MDLM's ddpm_cache): the denoiser has no time input, so its output depends on x_t only;
-    when no position changed since the last call, the last output is returned without running the
-    network. The check is on the whole batch (bit-exact reuse, the same tensor shapes as without
-    caching, so cached and uncached runs are identical on any device); it pays off when the steps
-    outnumber the tokens each row reveals, and with small batches. ``nfe`` counts network passes:
-    two per evaluation with guidance (conditional, then unconditional).
+    Guidance: w != 0 adds a pass with the conditioning segment masked. Restriction: no BOS_m, EOS_m or
+    PAD_text at ``content_only`` positions. Caching (MDLM's ddpm_cache): the denoiser has no time input,
+    so while x_t (the whole batch) is unchanged its last output is reused, bit-exact; this pays off
+    when the steps outnumber the tokens each row reveals, and with small batches. ``nfe`` counts passes.
     """
 
-    def __init__(
-        self, model: DenoiserLike, template: Template, guidance: float, cache: bool, device: torch.device
-    ) -> None:
+    def __init__(self, model: DenoiserLike, template: Template, guidance: float, cache: bool, device: torch.device):
         v = model.vocab
-        self.model, self.guidance, self.cache = model, guidance, cache
-        self.cond = template.cond.to(device)
-        self.content_only = template.content_only.to(device)
+        self.model, self.guidance, self.cache, self.nfe = model, guidance, cache, 0
+        self.cond, self.content_only = template.cond.to(device), template.content_only.to(device)
         self.mask_table = v.mask_table().to(device)
         self.specials = torch.zeros(v.size, dtype=torch.bool, device=device)  # BOS_m, EOS_m, PAD_text
         self.specials[[f(m) for m in MODALITIES for f in (v.bos, v.eos)] + [v.pad]] = True
-        self.nfe = 0
-        self._x: Tensor | None = None
-        self._logits: Tensor | None = None
+        self._x, self._logits = None, None  # the cache: the last input and output
 
     def __call__(self, x: Tensor, masked: Tensor) -> Tensor:
         """(n, |V|) float32 logits at the n positions where ``masked`` is True (row-major)."""
         if self.cache and self._x is not None and torch.equal(x, self._x):
             return self._logits
         logits = self.model(x, where=masked).float()
-        self.nfe += 1
         if self.guidance != 0:
             x_uncond = torch.where(self.cond, self.mask_table[x], x)  # the conditioning segment -> MASK_m
             logits = guided_logits(logits, self.model(x_uncond, where=masked).float(), self.guidance)
-            self.nfe += 1
-        restrict = self.content_only[masked]  # (n,) positions that may take content tokens only
-        logits = logits.masked_fill(restrict[:, None] & self.specials, -math.inf)
+        self.nfe += 1 if self.guidance == 0 else 2
+        logits = logits.masked_fill(self.content_only[masked][:, None] & self.specials, -math.inf)
         self._x, self._logits = x.clone(), logits
         return logits
 
 
 @dataclass
 class Sample:
-    """The result of ``sample``: finished rows and what it cost.
-
-    ids (B, L) with zero MASK tokens; order (B, L) the step at which each position was revealed
-    (-1 for known positions; positions filled by the end-of-text rule get the step that revealed
-    their end, 0 for an end given in the template); nfe network passes; seconds of wall-clock time for the whole batch.
+    """The result of ``sample``: ids (B, L) with zero MASK tokens; order (B, L) the step that revealed
+    each position (-1 for known ones; the end-of-text rule's fills get the step that revealed their
+    end, 0 for an end in the template); nfe network passes; seconds of wall-clock time for the batch.
     """
 
     ids: Tensor
@@ -443,17 +338,15 @@ def ancestral_step(
 ) -> tuple[Tensor, Tensor]:
     """One step s -> s' of the exact reverse process: returns (reveal (B, L) bool, tokens (n_reveal,)).
 
-    Each masked position is revealed independently with probability (beta_s - beta_s')/beta_s
-    (``unmask_probability``), i.e. iff its uniform u < that probability; a revealed position takes
-    x̂ ~ p_theta(x_0 | x_t) (with temperature and top-p). Positions revealed in the same step are
-    drawn independently given x_t: the only approximation of few-step sampling. Under the linear
-    grid each of n positions is revealed at a uniformly random one of the S steps, so about
-    C(n, 2)/S pairs share a step (the birthday problem): the error vanishes only for S >> n^2/2,
-    not as soon as the steps outnumber the tokens.
+    Each masked position is revealed independently with probability (beta_s - beta_s')/beta_s, i.e.
+    iff its uniform u_reveal < that probability, and takes x̂ ~ p_theta(x_0 | x_t) (with temperature
+    and top-p). Positions revealed in the same step are drawn independently given x_t: the only
+    approximation of few-step sampling. Under the linear grid each of n positions is revealed at a
+    uniformly random one of the S steps, so about C(n, 2)/S pairs share a step (the birthday
+    problem): the error vanishes only for S >> n^2/2, not as soon as the steps outnumber the tokens.
     """
     reveal = masked & (u_reveal < p_unmask)
-    rows = reveal[masked]  # which of the logits' rows are revealed
-    probs = token_distribution(logits[rows], cfg.temperature, cfg.top_p)
+    probs = token_distribution(logits[reveal[masked]], cfg.temperature, cfg.top_p)  # the revealed rows
     return reveal, draw_categorical(probs, u_token[reveal])
 
 
@@ -462,58 +355,43 @@ def confidence_step(
 ) -> tuple[Tensor, Tensor]:
     """One MaskGIT / LLaDA step: draw a token at every masked position, keep the most confident.
 
-    Row b keeps k_b = (masked now) - n_keep_b of its draws, the ones with the highest ``confidence``
-    (the probability of the drawn token; see that function), and discards the others (they stay
-    masked, i.e. they are "re-masked"). n_keep comes from ``remaining_counts``, so the counts follow
-    the inference schedule. Returns (reveal (B, L) bool, tokens (n_reveal,)).
+    Row b keeps the k_b = (masked now) - n_keep_b draws of highest ``confidence`` and re-masks the
+    rest; n_keep (``remaining_counts``) follows the inference schedule. Returns as ``ancestral_step``.
     """
     tokens = draw_categorical(token_distribution(logits, cfg.temperature, cfg.top_p), u_token[masked])
-    score = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
-    score[masked] = confidence(logits, tokens)
-    k = (masked.sum(1) - n_keep).clamp_min(0)
-    reveal = top_k_per_row(masked, score, k)
+    score = torch.zeros_like(masked, dtype=torch.float64).masked_scatter(masked, confidence(logits, tokens))
+    reveal = top_k_per_row(masked, score, (masked.sum(1) - n_keep).clamp_min(0))
     return reveal, tokens[reveal[masked]]
 
 
 @torch.no_grad()  # not inference_mode: its tensors reject in-place edits later, a trap for users of ids
 def sample(
-    model: DenoiserLike,
-    template: Template,
-    cfg: SamplerConfig | None = None,
-    generator: torch.Generator | None = None,
+    model: DenoiserLike, template: Template, cfg: SamplerConfig | None = None, generator: Generator | None = None
 ) -> Sample:
     """Complete every row of ``template`` with ``cfg``'s sampler. The loop, for steps i = 0 .. S-1:
 
-    1. draw two float64 uniforms per position, u_reveal and u_token, from ``generator`` (a CPU
-       generator; None means torch's global one). The draws never depend on the network or on
-       caching, so a cached and an uncached run consume the same random stream and agree exactly;
-    2. ask the ``Predictor`` for p_theta(x_0 | x_t) at the masked positions (the network runs only if
-       x_t changed since its last call, or always with ``cache=False``);
-    3. reveal tokens (``ancestral_step`` or ``confidence_step``); known and revealed tokens are never
-       touched again (carry-over);
-    4. apply the end-of-text rule (``fill_after_end``) to variable-length text slots.
-
-    The last step reveals everything still masked, so the result holds zero MASK tokens.
+    1. draw two float64 uniforms per position, u_reveal and u_token, from ``generator`` (CPU; None:
+       torch's global one), independent of the network and of caching, so cached and uncached runs agree;
+    2. ask the ``Predictor`` for p_theta(x_0 | x_t) at the masked positions;
+    3. reveal tokens (``ancestral_step`` or ``confidence_step``), never touching known or revealed ones;
+    4. apply the end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
     """
-    cfg = cfg or SamplerConfig()
-    vocab = model.vocab
+    cfg, vocab = cfg or SamplerConfig(), model.vocab
     template.validate(vocab)
-    device = _device_of(model)
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    device = tensors[0].device if tensors else torch.device("cpu")
     start = time.perf_counter()
-    x = template.ids.to(device).clone()
-    ends = template.ends.to(device)
-    B, L = x.shape
+    ids, ends = template.ids.to(device), template.ends.to(device)
+    x = fill_after_end(ids, ends, vocab)  # an end given in the template fills its slot at once
+    order = torch.where(x != ids, 0, -1)
     predictor = Predictor(model, template, cfg.guidance, cfg.cache, device)
-    order = torch.full((B, L), -1, dtype=torch.long, device=device)
-    x = _apply_end_rule(x, ends, order, 0, vocab)
     n_start = vocab.is_mask(x).sum(1)
     betas = Schedule.parse(cfg.schedule).beta(time_grid(cfg.steps))
     for i in range(cfg.steps):
         masked = vocab.is_mask(x)
         if not masked.any():
             break
-        u_reveal = torch.rand((B, L), generator=generator, dtype=torch.float64).to(device)
-        u_token = torch.rand((B, L), generator=generator, dtype=torch.float64).to(device)
+        u_reveal, u_token = torch.rand((2, *x.shape), generator=generator, dtype=torch.float64).to(device)
         logits = predictor(x, masked)
         if cfg.sampler == "ancestral":
             p = unmask_probability(betas[i], betas[i + 1]).to(device)
@@ -521,25 +399,10 @@ def sample(
         else:
             n_keep = remaining_counts(n_start, betas[i + 1]).to(device)
             reveal, tokens = confidence_step(masked, logits, n_keep, u_token, cfg)
-        x = x.masked_scatter(reveal, tokens)
-        order[reveal] = i
-        x = _apply_end_rule(x, ends, order, i, vocab)
-    if vocab.is_mask(x).any():  # unreachable by construction: the last step reveals everything
-        raise AssertionError("sampling finished with MASK tokens left")
+        x, x_prev = fill_after_end(x.masked_scatter(reveal, tokens), ends, vocab), x
+        order[reveal | (x != x_prev)] = i  # revealed, or filled by the end-of-text rule
+    assert not vocab.is_mask(x).any(), "sampling finished with MASK tokens left"  # the last step reveals all
     return Sample(x.cpu(), order.cpu(), predictor.nfe, time.perf_counter() - start, cfg)
-
-
-def _apply_end_rule(x: Tensor, ends: Tensor, order: Tensor, step: int, vocab: Vocab) -> Tensor:
-    filled = fill_after_end(x, ends, vocab)
-    order[filled != x] = step
-    return filled
-
-
-def _device_of(model: object) -> torch.device:
-    if isinstance(model, nn.Module):
-        for p in itertools.chain(model.parameters(), model.buffers()):
-            return p.device
-    return torch.device("cpu")
 
 
 def generate(
@@ -549,33 +412,24 @@ def generate(
     cfg: SamplerConfig | None = None,
     *,
     texts: Sequence[Sequence[int]] = ((),),
-    media: Sequence[Sequence[int] | np.ndarray] = (),
+    media: Sequence[ArrayLike] = (),
     num: int = 1,
     seed: int = 0,
 ) -> tuple[Template, Sample]:
     """``num`` samples of ``task`` for each condition, in one batch (rows grouped by condition).
 
-    texts: local text ids of each prompt (text, t2i, t2s; the default is one empty prompt, i.e.
-    unconditional text). media: local image / audio ids of each input (i2t, s2t). cfg defaults to
-    the task's preset. The seed fixes the result: same seed, same samples.
+    texts: local text ids of each prompt (text, t2i, t2s; default: one empty prompt); media: local
+    image / audio ids of each input (i2t, s2t). cfg defaults to the task's preset; same seed, same samples.
     """
-    if task not in GENERATION_TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {tuple(GENERATION_TASKS)}")
-    cfg = cfg or PRESETS[task]
-    if GENERATION_TASKS[task][1] == "text" and task != "text":
-        rows = [task_template(layout, task, media=m) for m in media]
-    else:
-        rows = [task_template(layout, task, text=t) for t in texts]
+    key, conditions = ("media", media) if task in ("i2t", "s2t") else ("text", texts)
+    rows = [task_template(layout, task, **{key: c}) for c in conditions]
     if not rows:
         raise ValueError(f"task {task!r} needs at least one condition")
     template = Template.cat([r.repeat(num) for r in rows])
-    return template, sample(model, template, cfg, torch.Generator().manual_seed(seed))
+    return template, sample(model, template, cfg or PRESETS[task], Generator().manual_seed(seed))
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Settings: the sampler config and the per-task presets
-# ----------------------------------------------------------------------------------------------
-
+# 4. Settings: the sampler config and the per-task presets -----------------------------------------
 SAMPLERS: tuple[str, ...] = ("ancestral", "confidence")
 
 
@@ -585,12 +439,11 @@ class SamplerConfig:
 
     sampler:     "ancestral" (the exact reverse process) or "confidence" (MaskGIT / LLaDA top-k).
     steps:       S, the number of steps from t = 1 to t = 0.
-    schedule:    the inference schedule beta_t ("linear", "cosine", "poly2", "poly:0.5"; see
-                 ``mdm.Schedule.parse``). It need not be the training schedule.
+    schedule:    the inference schedule beta_t, which need not be the training one ("linear", "cosine",
+                 "poly2", "poly:0.5"; see ``mdm.Schedule.parse``).
     temperature: T > 0 scales the logits by 1/T; T = 0 is greedy.
     top_p:       nucleus sampling mass in (0, 1]; 1 keeps every token.
-    guidance:    classifier-free guidance w (``guided_logits``): 0 is conditional sampling and costs
-                 one network pass per evaluation, w != 0 two.
+    guidance:    classifier-free guidance w (``guided_logits``); w != 0 costs two network passes, not one.
     cache:       reuse the denoiser's output while x_t does not change (identical results, fewer NFE).
     """
 
@@ -619,8 +472,7 @@ class SamplerConfig:
         return asdict(self)
 
 
-# Per-task defaults, chosen on the validation split by the lab's inference study (lab/STUDIES.md).
-PRESETS: dict[str, SamplerConfig] = {
+PRESETS: dict[str, SamplerConfig] = {  # chosen on the validation split by the lab's study (lab/STUDIES.md)
     "text": SamplerConfig(sampler="ancestral", steps=96, temperature=0.8),
     "t2i": SamplerConfig(sampler="ancestral", steps=32, temperature=0.5, guidance=1.5),
     "i2t": SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
@@ -629,25 +481,17 @@ PRESETS: dict[str, SamplerConfig] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Outputs: decoding rows, text, image grids, WAV files, a manifest
-# ----------------------------------------------------------------------------------------------
-
-
+# 5. Outputs: decoding rows, text, image grids, WAV files ------------------------------------------
 def decode_text(row: Tensor, layout: Layout, task: str, tokenizer: object) -> str:
-    """The generated (or given) text of one row: a text row's first document, or a pair's text slot.
-
-    The text is cut at the first EOS_text, and in a pair's slot also at the first PAD_text (the
-    end-of-text rule's reading). ``tokenizer.decode(list[int]) -> str`` takes local text ids.
+    """The text of one row (a text row's first document, or a pair's text slot), cut at the first
+    EOS_text and, in a pair's slot, at the first PAD_text. ``tokenizer.decode(list[int]) -> str``.
     """
-    v = layout.vocab
-    row_task = GENERATION_TASKS[task][0] if task in GENERATION_TASKS else task
+    v, row_task = layout.vocab, GENERATION_TASKS[task][0] if task in GENERATION_TASKS else task
     ids = row[layout.text_slot(row_task)]
     if row_task == "text":
         ids = ids[1:] if len(ids) and int(ids[0]) == v.bos("text") else ids
-    else:
-        stops = ((ids == v.eos("text")) | (ids == v.pad)).nonzero()
-        ids = ids[: int(stops[0]) if len(stops) else len(ids)]
+    elif len(stops := ((ids == v.eos("text")) | (ids == v.pad)).nonzero()):
+        ids = ids[: int(stops[0])]
     return decode_text_ids(ids, v, tokenizer)
 
 
@@ -666,14 +510,10 @@ def write_texts(path: Path, texts: Sequence[str], labels: Sequence[str]) -> Path
 
 def save_image_grid(path: Path, images: Sequence[np.ndarray], labels: Sequence[str], levels: int = 17) -> Path:
     """A PNG grid of gray-level images (0 .. levels-1, bright = ink), each titled with its label."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n = len(images)
-    cols = min(8, n)
-    rows = math.ceil(n / cols)
+    cols, rows = min(8, len(images)), math.ceil(len(images) / 8)
     fig = Figure(figsize=(1.5 * cols, 1.8 * rows))
-    FigureCanvasAgg(fig)
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(image, cmap="gray", vmin=0, vmax=levels - 1, interpolation="nearest")
@@ -688,18 +528,13 @@ def save_wavs(folder: Path, waves: Sequence[np.ndarray], sample_rate: int) -> li
     """sample_000.wav, sample_001.wav, ... (16-bit PCM, clipped to [-1, 1])."""
     import soundfile as sf
 
-    paths = []
-    for i, wave in enumerate(waves):
-        path = folder / f"sample_{i:03d}.wav"
+    paths = [folder / f"sample_{i:03d}.wav" for i in range(len(waves))]
+    for path, wave in zip(paths, waves, strict=True):
         sf.write(path, np.clip(np.asarray(wave, dtype=np.float32), -1, 1), sample_rate, subtype="PCM_16")
-        paths.append(path)
     return paths
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. The command line
-# ----------------------------------------------------------------------------------------------
-
+# 6. The command line ------------------------------------------------------------------------------
 USAGE_EXAMPLES = """examples:
   python sample.py --checkpoint runs/tiny/ckpt.pt --task text --prompt "The" --num 4
   python sample.py --checkpoint runs/tiny/ckpt.pt --task t2i --prompt "a handwritten seven" --num 16
@@ -713,9 +548,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # an expected error: one line and status 2, no usage dump
         fail(message, self.prog)
 
-    def option(self, name: str, **kw) -> None:
-        """``--name``, also spelled with hyphens (``--top-p`` for ``--top_p``), as in every script here."""
-        self.add_argument(*dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]), dest=name, **kw)
+    def option(self, name: str, **kw) -> None:  # --name, also with hyphens (--top-p for --top_p) as in every script
+        self.add_argument(*dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]), **{"dest": name, **kw})
 
 
 def fail(message: object, prog: str = "sample.py") -> None:
@@ -740,31 +574,28 @@ def parser() -> ArgumentParser:
     p.option("out", default="out/samples", help="output folder (default: out/samples)")
     p.option("device", default="cpu", help="cpu or cuda (default: cpu)")
     for f in fields(SamplerConfig):  # each defaults to the task's preset
-        kind = {"int": int, "float": float, "str": str, "bool": None}[f.type]
-        if kind is not None:
+        if kind := {"int": int, "float": float, "str": str}.get(f.type):
             p.option(f.name, type=kind, help="sampler setting (default: the task's preset, sample.PRESETS)")
-    p.option("no_cache", action="store_true", help="run the network at every step")
+    p.option("no_cache", dest="cache", action="store_false", default=None, help="run the network at every step")
     return p
 
 
-def read_image(path: str, inf: Inference) -> np.ndarray:
+def read_media(path: str, task: str, inf: Inference) -> np.ndarray:
+    """The local ids of an image to caption (i2t) or an audio file to transcribe (s2t)."""
+    import soundfile as sf
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            pixels = np.asarray(img.convert("L"))
-    except OSError as e:  # missing file, or not an image PIL can read
-        raise ValueError(f"cannot read image {path}: {e}") from None
-    return inf.image_tokenizer.encode(inf.image_tokenizer.to_gray_levels(pixels))
-
-
-def read_audio(path: str, inf: Inference) -> np.ndarray:
-    import soundfile as sf
-
-    try:
-        wave, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as e:  # sf.LibsndfileError is a RuntimeError
-        raise ValueError(f"cannot read audio file {path} (expected WAV/FLAC/OGG readable by soundfile): {e}") from None
+        if task == "i2t":
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("L"))
+        else:
+            wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:  # PIL raises OSError, soundfile a LibsndfileError (a RuntimeError)
+        what = f"image {path}" if task == "i2t" else f"audio file {path} (expected WAV/FLAC/OGG readable by soundfile)"
+        raise ValueError(f"cannot read {what}: {e}") from None
+    if task == "i2t":
+        return inf.image_tokenizer.encode(inf.image_tokenizer.to_gray_levels(pixels))
     if len(wave) == 0:
         raise ValueError(f"audio file {path} holds no samples")
     return inf.audio_codec.encode(resample(wave.mean(axis=1), rate, inf.audio_codec.sample_rate))
@@ -774,82 +605,55 @@ def cli_template(args: argparse.Namespace, inf: Inference) -> tuple[Template, li
     """The batch template of the command line and one label per row."""
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if args.task in ("i2t", "s2t"):
-        files = args.image if args.task == "i2t" else args.audio
-        if not files:
-            raise ValueError(f"--task {args.task} needs {'--image' if args.task == 'i2t' else '--audio'} FILE")
-        read = read_image if args.task == "i2t" else read_audio
-        rows, labels = [task_template(inf.layout, args.task, media=read(f, inf)) for f in files], list(files)
+    flag = {"i2t": "image", "s2t": "audio"}.get(args.task, "prompt")
+    labels = getattr(args, flag) or ([""] if args.task == "text" else [])
+    if not labels:
+        raise ValueError(f"--task {args.task} needs --{flag} {'TEXT' if flag == 'prompt' else 'FILE'}")
+    if flag != "prompt":
+        rows = [task_template(inf.layout, args.task, media=read_media(f, args.task, inf)) for f in labels]
     else:
-        labels = args.prompt or ([""] if args.task == "text" else [])
-        if not labels:
-            raise ValueError(f"--task {args.task} needs --prompt TEXT")
-        room = prompt_capacity(inf.layout, args.task)
-        rows = []
+        room, rows = prompt_capacity(inf.layout, args.task), []
         for prompt in labels:
-            ids = inf.text_tokenizer.encode(prompt)
-            if len(ids) > room:
-                raise ValueError(
-                    f"the prompt {prompt[:40]!r} is {len(ids)} tokens but task {args.task} holds at most {room} "
-                    f"with this checkpoint's layout (seq_len {inf.layout.seq_len}); shorten it"
-                )
+            if len(ids := inf.text_tokenizer.encode(prompt)) > room:
+                raise ValueError(f"prompt {prompt[:40]!r} is {len(ids)} tokens; {args.task} holds at most {room}")
             rows.append(task_template(inf.layout, args.task, text=ids))
     return Template.cat([r.repeat(args.num) for r in rows]), [label for label in labels for _ in range(args.num)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name, None) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name) is not None}
     try:  # expected errors: a bad option, a missing or unreadable file (one line, no traceback)
-        cfg = replace(PRESETS[args.task], **chosen, **({"cache": False} if args.no_cache else {}))
-    except ValueError as e:
-        fail(e)
-    try:
-        inf = load_for_inference(args.checkpoint, device=args.device)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load checkpoint {args.checkpoint}: {e}")
-    try:
+        cfg = replace(PRESETS[args.task], **chosen)
+        try:
+            inf = load_for_inference(args.checkpoint, device=args.device)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load checkpoint {args.checkpoint}: {e}") from None
         template, labels = cli_template(args, inf)
     except ValueError as e:
         fail(e)
-    result = sample(inf.model, template, cfg, torch.Generator().manual_seed(args.seed))
+    result = sample(inf.model, template, cfg, Generator().manual_seed(args.seed))
     out, task = Path(args.out), args.task
     out.mkdir(parents=True, exist_ok=True)
-    samples = [{"condition": label} for label in labels]
     if GENERATION_TASKS[task][1] == "text":
         texts = [decode_text(row, inf.layout, task, inf.text_tokenizer) for row in result.ids]
-        files = [write_texts(out / "samples.txt", texts, labels)]
-        for i, (text, sample_) in enumerate(zip(texts, samples, strict=True)):
-            sample_["text"] = text
-            print(f"[{i}] ({labels[i]}) {text}")
+        files, extra = [write_texts(out / "samples.txt", texts, labels)], [{"text": text} for text in texts]
+        print("\n".join(f"[{i}] ({labels[i]}) {text}" for i, text in enumerate(texts)))
     elif task == "t2i":
         images = np.stack([inf.image_tokenizer.decode(decode_media(row, inf.layout, task)) for row in result.ids])
-        np.save(out / "images.npy", images)
-        files = [
-            save_image_grid(out / "grid.png", list(images), labels, inf.image_tokenizer.levels),
-            out / "images.npy",
-        ]
+        files, extra = [out / "grid.png", out / "images.npy"], [{} for _ in labels]
+        np.save(files[1], images)
+        save_image_grid(files[0], list(images), labels, inf.image_tokenizer.levels)
     else:
         waves = [inf.audio_codec.decode(decode_media(row, inf.layout, task)) for row in result.ids]
         files = save_wavs(out, waves, inf.audio_codec.sample_rate)
-        for path, sample_ in zip(files, samples, strict=True):
-            sample_["file"] = path.name
-    manifest = {
-        "task": task,
-        "checkpoint": args.checkpoint,
-        "config": cfg.to_dict(),
-        "seed": args.seed,
-        "num_per_condition": args.num,
-        "samples": samples,
-        "files": [f.name for f in files],
-        "nfe": result.nfe,
-        "seconds": round(result.seconds, 4),
-        "seconds_per_sample": round(result.seconds_per_sample, 6),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    print(
-        f"{len(labels)} samples, NFE {result.nfe}, {result.seconds_per_sample:.3f} s/sample -> {out / 'manifest.json'}"
-    )
+        extra = [{"file": path.name} for path in files]
+    samples = [{"condition": label, **e} for label, e in zip(labels, extra, strict=True)]
+    manifest = {"task": task, "checkpoint": args.checkpoint, "config": cfg.to_dict(), "seed": args.seed}
+    manifest |= {"num_per_condition": args.num, "samples": samples, "files": [f.name for f in files], "nfe": result.nfe}
+    manifest |= {"seconds": round(result.seconds, 4), "seconds_per_sample": round(result.seconds_per_sample, 6)}
+    (path := out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    print(f"{len(labels)} samples, NFE {result.nfe}, {result.seconds_per_sample:.3f} s/sample -> {path}")
 
 
 if __name__ == "__main__":

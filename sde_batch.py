@@ -9,8 +9,8 @@ tokens (positions, padding included), and horizons D and warmup W count *tokens*
 consumes B·L tokens and a run of D tokens takes S = ceil(D / (B·L)) steps. The reference and the run
 share L; to compare runs at different lengths, express B_base in sequences of the run's L.
 
-The rule (readers' notes of Bethune et al., arXiv 2602.21472, 2026; the paper's full text was not
-available to us, see DESIGN.md section 1)::
+The rule (Bethune et al., arXiv 2602.21472, 2026; the paper's full text was not available, so the
+rule and its constants come from readers' notes of it)::
 
     kappa   = (B / B_base) · (D_base / D)^gamma,        gamma ≈ 0.44
             = B / B_log(D),      B_log(D) = B_base · (D / D_base)^gamma    (the *logical* batch)
@@ -77,16 +77,11 @@ Derivation (why these and not others)
    in D, faster than the paper's sub-linear growth, so at horizons far beyond the one where S_crit
    was calibrated the check is lenient. ``DEFAULT_MIN_STEPS`` is our placeholder, not the paper's.
 
-``toy_problem_curves`` runs the rule on a small noisy regression with torch's AdamW; the tests,
-notebook 6 and studies.py use it to show the collapse of loss-versus-tokens curves.
-
-Run ``python sde_batch.py --B 64 --B-base 256 --D 1e8 --D-base 1e9 --seq-len 1024`` for a table, or
-``python sde_batch.py --demo`` for the toy problem's curve distances with and without the rule.
+The tests and notebook 6 show the collapse with ``toy_problem_curves``; there is no command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 from dataclasses import dataclass, replace
@@ -118,11 +113,7 @@ def _check_gamma(gamma: float) -> float:
     return float(gamma)
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Optimizer settings and their rescaling by kappa
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 1. Optimizer settings and their rescaling by kappa -------------------------------------------
 @dataclass(frozen=True)
 class OptimSettings:
     """AdamW settings plus the token-based schedule: everything ``rescale`` acts on.
@@ -146,10 +137,9 @@ class OptimSettings:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))  # a list -> a tuple
-        if not (math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be finite and >= 0, got {self.eps!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay!r}")
+        for name, value in (("eps", self.eps), ("weight_decay", self.weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if self.ema is not None and not 0 <= self.ema < 1:
             raise ValueError(f"ema must be None (no EMA) or lie in [0, 1), got {self.ema!r}")
         if not (math.isfinite(self.warmup_tokens) and self.warmup_tokens >= 0):
@@ -179,22 +169,17 @@ def rescale(settings: OptimSettings, kappa: float) -> OptimSettings:
     """
     _positive("kappa", kappa)
     root = math.sqrt(kappa)
-    b1, b2 = settings.betas
     return replace(
         settings,
         lr=settings.lr * root,
-        betas=(_decay_power("beta1", b1, kappa), _decay_power("beta2", b2, kappa)),
+        betas=(_decay_power("beta1", settings.betas[0], kappa), _decay_power("beta2", settings.betas[1], kappa)),
         eps=settings.eps / root,
         weight_decay=settings.weight_decay * root,
         ema=None if settings.ema is None else _decay_power("ema", settings.ema, kappa),
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. kappa, the logical batch, steps and the critical batch
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 2. kappa, the logical batch, steps and the critical batch ------------------------------------
 def logical_batch(tokens: float, base_batch: float, base_tokens: float, gamma: float = GAMMA) -> float:
     """B_log(D) = B_base · (D / D_base)^gamma: the batch at which the reference settings suit horizon D."""
     _positive("tokens (D)", tokens)
@@ -224,11 +209,7 @@ def critical_batch(tokens: float, seq_len: int, min_steps: int) -> float:
     return tokens / (_positive_int("seq_len (L)", seq_len) * _positive_int("min_steps (S_crit)", min_steps))
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. The learning-rate schedule, in tokens
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 3. The learning-rate schedule, in tokens -----------------------------------------------------
 def lr_factor(tokens_seen: float, settings: OptimSettings, horizon: float) -> float:
     """s(τ) in [final_lr_frac, 1]: the schedule as a fraction of the peak lr after τ tokens.
 
@@ -256,11 +237,7 @@ def lr_at(tokens_seen: float, settings: OptimSettings, horizon: float) -> float:
     return settings.lr * lr_factor(tokens_seen, settings, horizon)
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. The plan train.py prints and follows
-# ----------------------------------------------------------------------------------------------
-
-
+# --- 4. The plan train.py prints and follows ------------------------------------------------------
 @dataclass(frozen=True)
 class Reference:
     """The tuned reference run: settings found at batch B_base (sequences) and horizon D_base (tokens)."""
@@ -323,46 +300,32 @@ class BatchPlan:
     def describe(self) -> str:
         """A multi-line table of the reference and the derived settings (train.py prints it at start-up)."""
         ref, s, r = self.reference, self.settings, self.reference.settings
-        ref_steps = optimizer_steps(ref.tokens, ref.batch, self.seq_len)
-        decay_steps = max(0, self.steps - self.warmup_steps)
+        ema = ["off" if rho is None else f"{rho:.6g}" for rho in (r.ema, s.ema)]
+        decay = f"{self.tokens - s.warmup_tokens:.4g} tokens / {max(0, self.steps - self.warmup_steps):,} steps"
+        crit = f"{self.critical_batch:.4g}   ({'OK' if critical_batch_warning(self) is None else 'EXCEEDED'})"
         rows = [
             ("batch B (rows/step)", f"{ref.batch:g}", f"{self.batch:g}"),
             ("tokens per step B·L", f"{ref.batch * self.seq_len:,}", f"{self.tokens_per_step:,}"),
             ("horizon D (tokens)", f"{ref.tokens:.4g}", f"{self.tokens:.4g}"),
-            ("optimizer steps", f"{ref_steps:,}", f"{self.steps:,}"),
+            ("optimizer steps", f"{optimizer_steps(ref.tokens, ref.batch, self.seq_len):,}", f"{self.steps:,}"),
             ("logical batch B_log(D)", "", f"{self.logical_batch:.4g}   = B_base (D/D_base)^{ref.gamma:g}"),
             ("kappa = B / B_log(D)", "1", f"{self.kappa:.4g}"),
             ("lr (peak)", f"{r.lr:.4g}", f"{s.lr:.4g}   x sqrt(kappa)"),
             ("betas", f"({r.betas[0]:.6g}, {r.betas[1]:.6g})", f"({s.betas[0]:.6g}, {s.betas[1]:.6g})   ^kappa"),
             ("eps", f"{r.eps:.4g}", f"{s.eps:.4g}   / sqrt(kappa)"),
             ("weight decay (x lr)", f"{r.weight_decay:.4g}", f"{s.weight_decay:.4g}   x sqrt(kappa)"),
-            ("weight EMA", _ema(r.ema), _ema(s.ema) + ("" if s.ema is None else "   ^kappa")),
+            ("weight EMA", ema[0], ema[1] + ("" if s.ema is None else "   ^kappa")),
             ("warmup (tokens / steps)", f"{s.warmup_tokens:.4g}", f"{s.warmup_tokens:.4g} / {self.warmup_steps:,}"),
-            (
-                f"cosine decay to {s.final_lr_frac:g}·lr",
-                "to D",
-                f"{self.tokens - s.warmup_tokens:.4g} tokens / {decay_steps:,} steps",
-            ),
-            (
-                f"critical batch D/(L·{self.min_steps})",
-                "",
-                f"{self.critical_batch:.4g}   ({'OK' if critical_batch_warning(self) is None else 'EXCEEDED'})",
-            ),
+            (f"cosine decay to {s.final_lr_frac:g}·lr", "to D", decay),
+            (f"critical batch D/(L·{self.min_steps})", "", crit),
         ]
-        width = max(len(name) for name, _, _ in rows)
-        ref_width = max(len(v) for _, v, _ in rows)
-        head = f"SDE batch reparameterization (seq_len L = {self.seq_len}, gamma = {ref.gamma:g})"
-        lines = [head, f"{'':<{width}}  {'reference':<{ref_width}}  this run"]
-        lines += [f"{name:<{width}}  {a:<{ref_width}}  {b}" for name, a, b in rows]
+        width, ref_width = (max(len(row[j]) for row in rows) for j in (0, 1))
+        lines = [f"SDE batch reparameterization (seq_len L = {self.seq_len}, gamma = {ref.gamma:g})"]
+        lines += [f"{name:<{width}}  {a:<{ref_width}}  {b}" for name, a, b in [("", "reference", "this run"), *rows]]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.describe()
-
-
-def _ema(rho: float | None) -> str:
-    """The EMA factor as the table prints it."""
-    return "off" if rho is None else f"{rho:.6g}"
 
 
 def plan(
@@ -373,10 +336,8 @@ def plan(
     _positive("tokens (D)", tokens)
     _positive_int("seq_len (L)", seq_len)
     _positive_int("min_steps (S_crit)", min_steps)
-    if reference.settings.warmup_tokens >= tokens:
-        raise ValueError(
-            f"warmup_tokens ({reference.settings.warmup_tokens:g}) must be shorter than the horizon D ({tokens:g})"
-        )
+    if (warmup := reference.settings.warmup_tokens) >= tokens:
+        raise ValueError(f"warmup_tokens ({warmup:g}) must be shorter than the horizon D ({tokens:g})")
     k = kappa_of(batch, tokens, reference.batch, reference.tokens, reference.gamma)
     return BatchPlan(
         reference=reference,
@@ -410,21 +371,16 @@ def critical_batch_warning(p: BatchPlan) -> str | None:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. The demonstration: a noisy regression trained with torch's AdamW
-# ----------------------------------------------------------------------------------------------
-
+# --- 5. The demonstration: a noisy regression trained with torch's AdamW --------------------------
 TOY_SETTINGS = OptimSettings(lr=0.02, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, ema=0.99, warmup_tokens=1600)
 TOY_BATCH, TOY_TOKENS = 32, 32 * 512  # the toy's reference batch and horizon (samples)
 
 
 @dataclass(frozen=True)
 class ToyCurves:
-    """Loss-versus-tokens curves of ``toy_problem_curves``, one entry per optimizer step.
-
-    tokens[k]: samples seen after step k; loss[k]: the population excess loss after step k, averaged
-    over the independent runs (seeds); ema_loss: the same for the EMA weights (None without an EMA).
-    """
+    """Loss-versus-tokens curves of ``toy_problem_curves``, one entry per optimizer step k: tokens[k] the
+    samples seen after step k, loss[k] the population excess loss then, averaged over the independent
+    runs (seeds), and ema_loss the same for the EMA weights (None without an EMA)."""
 
     tokens: torch.Tensor
     loss: torch.Tensor
@@ -435,13 +391,12 @@ class ToyCurves:
         curve = self.ema_loss if ema else self.loss
         if curve is None:
             raise ValueError("these curves were computed without a weight EMA (settings.ema is None)")
-        lo, hi = float(self.tokens[0]), float(self.tokens[-1])
+        x, lo, hi = self.tokens, float(self.tokens[0]), float(self.tokens[-1])
         if float(tokens.min()) < lo or float(tokens.max()) > hi:
             raise ValueError(f"token counts must lie in [{lo:g}, {hi:g}], the range of this curve")
-        x, y = self.tokens, curve.log()
         i = torch.searchsorted(x, tokens).clamp(1, len(x) - 1)
-        frac = (tokens - x[i - 1]) / (x[i] - x[i - 1])
-        return y[i - 1] + frac * (y[i] - y[i - 1])
+        y0, y1 = curve[i - 1].log(), curve[i].log()
+        return y0 + (tokens - x[i - 1]) / (x[i] - x[i - 1]) * (y1 - y0)
 
 
 def toy_problem_curves(
@@ -456,82 +411,59 @@ def toy_problem_curves(
 ) -> ToyCurves:
     """Train a noisy linear regression with torch's AdamW and ``settings``; return loss versus samples.
 
-    The problem: x ~ N(0, H) in R^dim with H = diag(1, 1/2, ..., 1/dim), y = x·w* + noise·z, the mean
-    squared error over a minibatch of ``batch`` samples, w* ~ N(0, I) fixed, every run starting at
-    w = 0. One sample plays the part of one token (L = 1). The population excess loss
-    (w − w*)ᵀ H (w − w*) is computed exactly after every step, so the only randomness is the
-    minibatches. ``seeds`` independent runs train as the rows of one tensor (Adam acts coordinate-
-    wise, so rows never interact) and their losses are averaged: the curve estimates the expected
-    loss. With the default noise the gradient noise scale tr(Σ)/|∇L|² starts near 200 samples and
-    grows as the loss falls, so batches up to ~128 are noise-dominated: the regime the SDE describes.
-    Each step uses the schedule at its middle sample (as ``BatchPlan.lr_for_step``), so runs at
-    different batches follow the same schedule in tokens. Runs single-threaded (see the body).
-    Used by the tests, notebook 6 and studies.py.
+    x ~ N(0, H) in R^dim with H = diag(1, 1/2, ..., 1/dim), y = x·w* + noise·z, w* ~ N(0, I) fixed;
+    the loss is the mean squared error over a minibatch of ``batch`` samples (one sample plays one
+    token, L = 1), from w = 0. The population excess loss (w − w*)ᵀ H (w − w*) is exact, so only the
+    minibatches are random. ``seeds`` independent runs train as the rows of one tensor (Adam acts
+    coordinate-wise: rows never interact); the curve is their mean. With the default noise the
+    gradient noise scale tr(Σ)/|∇L|² starts near 200 samples and grows as the loss falls, so batches
+    up to ~128 are noise-dominated, the SDE's regime. Each step uses the schedule at its middle
+    sample (as ``BatchPlan.lr_for_step``): all batches follow one schedule in tokens. Single-threaded.
     """
-    _positive_int("batch", batch)
-    _positive_int("tokens", tokens)
-    _positive_int("seeds", seeds)
-    _positive_int("dim", dim)
+    for name, value in (("batch", batch), ("tokens", tokens), ("seeds", seeds), ("dim", dim)):
+        _positive_int(name, value)
     _positive("noise", noise)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors this small gain nothing from threads, and lose 10x on a busy CPU
     try:
-        return _toy_run(settings, batch, tokens, seeds, dim, noise, seed)
+        gen = torch.Generator().manual_seed(seed)
+        h = 1.0 / torch.arange(1, dim + 1, dtype=torch.float64)
+        w_star = torch.randn(dim, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+        w = torch.zeros(seeds, dim, dtype=torch.float64, requires_grad=True)
+        w_ema = None if settings.ema is None else w.detach().clone()
+        opt = torch.optim.AdamW([w], **{k: getattr(settings, k) for k in ("lr", "betas", "eps", "weight_decay")})
+        loss, ema_loss = [], []
+        for k in range(optimizer_steps(tokens, batch, 1)):
+            opt.param_groups[0]["lr"] = lr_at((k + 0.5) * batch, settings, tokens)
+            z = torch.randn(seeds, batch, dim + 1, generator=gen).double()  # float32 draws: 5x faster on CPU
+            x = z[..., :dim] * h.sqrt()
+            y = x @ w_star + noise * z[..., dim]
+            residual = (x * w.detach()[:, None]).sum(-1) - y  # (seeds, batch)
+            w.grad = 2 * (residual[..., None] * x).sum(1) / batch  # gradient of the minibatch mean squared error
+            opt.step()
+            loss.append(float((((w.detach() - w_star) ** 2) * h).sum(1).mean()))  # (w − w*)ᵀ H (w − w*)
+            if w_ema is not None:
+                w_ema.mul_(settings.ema).add_(w.detach(), alpha=1 - settings.ema)
+                ema_loss.append(float((((w_ema - w_star) ** 2) * h).sum(1).mean()))
     finally:
         torch.set_num_threads(threads)
-
-
-def _toy_run(
-    settings: OptimSettings, batch: int, tokens: int, seeds: int, dim: int, noise: float, seed: int
-) -> ToyCurves:
-    """The training loop of ``toy_problem_curves`` (arguments already checked)."""
-    gen = torch.Generator().manual_seed(seed)
-    h = 1.0 / torch.arange(1, dim + 1, dtype=torch.float64)
-    w_star = torch.randn(dim, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
-    w = torch.zeros(seeds, dim, dtype=torch.float64, requires_grad=True)
-    w_ema = None if settings.ema is None else w.detach().clone()
-    opt = torch.optim.AdamW(
-        [w], lr=settings.lr, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
-    )
-
-    def excess(v: torch.Tensor) -> float:
-        """(w − w*)ᵀ H (w − w*) averaged over the seeds."""
-        return float((((v - w_star) ** 2) * h).sum(1).mean())
-
-    seen, loss, ema_loss = [], [], []
-    for k in range(optimizer_steps(tokens, batch, 1)):
-        opt.param_groups[0]["lr"] = lr_at((k + 0.5) * batch, settings, tokens)
-        z = torch.randn(seeds, batch, dim + 1, generator=gen).double()  # float32 draws: 5x faster on CPU
-        x = z[..., :dim] * h.sqrt()
-        y = x @ w_star + noise * z[..., dim]
-        residual = (x * w.detach()[:, None]).sum(-1) - y  # (seeds, batch)
-        w.grad = 2 * (residual[..., None] * x).sum(1) / batch  # gradient of the minibatch mean squared error
-        opt.step()
-        seen.append((k + 1) * batch)
-        loss.append(excess(w.detach()))
-        if w_ema is not None:
-            w_ema.mul_(settings.ema).add_(w.detach(), alpha=1 - settings.ema)
-            ema_loss.append(excess(w_ema))
-    f64 = torch.float64
-    ema = None if w_ema is None else torch.tensor(ema_loss, dtype=f64)
-    return ToyCurves(torch.tensor(seen, dtype=f64), torch.tensor(loss, dtype=f64), ema)
+    seen = torch.arange(1, len(loss) + 1, dtype=torch.float64) * batch
+    loss, ema_loss = torch.tensor(loss, dtype=torch.float64), torch.tensor(ema_loss, dtype=torch.float64)
+    return ToyCurves(seen, loss, None if w_ema is None else ema_loss)
 
 
 def curve_distance(run: ToyCurves, reference: ToyCurves, points: int = 32, ema: bool = False) -> float:
     """Mean |log loss_run − log loss_ref| at ``points`` token counts spread evenly over the common range."""
-    lo = max(float(run.tokens[0]), float(reference.tokens[0]))
-    hi = min(float(run.tokens[-1]), float(reference.tokens[-1]))
-    grid = torch.linspace(lo, hi, _positive_int("points", points), dtype=torch.float64)
+    lo, hi = max(run.tokens[0], reference.tokens[0]), min(run.tokens[-1], reference.tokens[-1])
+    grid = torch.linspace(float(lo), float(hi), _positive_int("points", points), dtype=torch.float64)
     return float((run.log_loss_at(grid, ema) - reference.log_loss_at(grid, ema)).abs().mean())
 
 
 @dataclass(frozen=True)
 class Collapse:
-    """How far one physical batch's curves lie from the reference run's (``curve_distance``).
-
-    with_rule: settings rescaled by kappa = batch / base_batch; without: the reference settings as they
-    are. ema_*: the same for the EMA weights (nan without an EMA).
-    """
+    """``curve_distance`` from one physical batch's curves to the reference run's: with_rule with the
+    settings rescaled by kappa = batch / base_batch, without with them as they are; ema_* the same for
+    the EMA weights (nan without an EMA)."""
 
     batch: int
     kappa: float
@@ -551,59 +483,19 @@ def collapse_distances(
     """Train the toy at base_batch and at each physical batch with and without the rule; compare curves.
 
     "Without" is a fair baseline: the same tuned settings, only the batch differs. Every run has the
-    same token budget, so the horizon term (gamma) plays no part: kappa = B / base_batch.
-
-    Measured with the defaults (tests/test_sde_batch.py): with the rule 0.007 (B = 8) and 0.031
-    (B = 128), without 0.13 and 0.30, against 0.011 between two seeds of the reference itself. In
-    this toy the lr, weight-decay and EMA parts of the rule carry the collapse; betas^kappa changes
-    the distances by less than the seed noise (both momentum memories are short next to the run) and
-    eps does nothing (it is far below sqrt(v)). They are kept for the SDE argument, not shown here.
+    same token budget, so gamma plays no part: kappa = B / base_batch. Here eps is far below sqrt(v)
+    and both momentum memories are short next to the run, so betas^kappa and eps barely move the
+    curves: the toy tests the lr, weight-decay and EMA parts of the rule.
     """
     reference = toy_problem_curves(settings, base_batch, tokens, **toy)
 
     def dist(run: ToyCurves, ema: bool) -> float:
         """``curve_distance`` to the reference, nan for EMA curves that were not computed."""
-        return curve_distance(run, reference, ema=ema) if settings.ema is not None or not ema else math.nan
+        return math.nan if ema and settings.ema is None else curve_distance(run, reference, ema=ema)
 
     out = []
     for b in batches:
         kappa = b / base_batch
-        with_rule = toy_problem_curves(rescale(settings, kappa), b, tokens, **toy)
-        without = toy_problem_curves(settings, b, tokens, **toy)
-        out.append(
-            Collapse(b, kappa, dist(with_rule, False), dist(without, False), dist(with_rule, True), dist(without, True))
-        )
+        rule, same = (toy_problem_curves(s, b, tokens, **toy) for s in (rescale(settings, kappa), settings))
+        out.append(Collapse(b, kappa, dist(rule, False), dist(same, False), dist(rule, True), dist(same, True)))
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: print the plan of a run (and the critical-batch warning), or with --demo the toy's collapse."""
-    ap = argparse.ArgumentParser(description="SDE batch reparameterization: the AdamW settings of a run.")
-    ap.add_argument("--B", type=int, default=64, help="physical batch of the run (sequences per optimizer step)")
-    ap.add_argument("--B-base", type=int, default=256, help="batch of the tuned reference run (sequences)")
-    ap.add_argument("--D", type=float, default=1e8, help="token horizon of the run")
-    ap.add_argument("--D-base", type=float, default=1e9, help="token horizon of the reference run")
-    ap.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence L")
-    ap.add_argument("--gamma", type=float, default=GAMMA, help="horizon exponent of the logical batch")
-    ap.add_argument("--min-steps", type=int, default=DEFAULT_MIN_STEPS, help="S_crit, the fewest steps the rule needs")
-    ap.add_argument("--lr", type=float, default=OptimSettings.lr, help="peak learning rate of the reference")
-    ap.add_argument("--warmup-tokens", type=float, default=0.0, help="linear warmup length in tokens")
-    ap.add_argument("--demo", action="store_true", help="instead, run the toy problem's collapse test (~10 s)")
-    a = ap.parse_args(argv)
-    if a.demo:
-        print(f"toy regression, reference batch {TOY_BATCH}, {TOY_TOKENS} samples; mean |log loss - reference|:")
-        for c in collapse_distances():
-            print(
-                f"  B = {c.batch:4d} (kappa {c.kappa:g}):  with the rule {c.with_rule:.3f}  without {c.without:.3f}"
-                f"   | EMA weights: with {c.ema_with_rule:.3f}  without {c.ema_without:.3f}"
-            )
-        return
-    ref = Reference(a.B_base, a.D_base, OptimSettings(lr=a.lr, warmup_tokens=a.warmup_tokens), a.gamma)
-    p = plan(ref, a.B, a.D, a.seq_len, a.min_steps)
-    print(p.describe())
-    if (warning := critical_batch_warning(p)) is not None:
-        print(warning)
-
-
-if __name__ == "__main__":
-    main()

@@ -54,11 +54,8 @@ from data import Batch, BatchIterator, DataConfig, TriModalData, build_data
 from distributed import Dist, Preemption, setup_distributed, teardown, use_fsdp, wrap
 from model import PRESETS, Denoiser, ModelConfig, embed_codes, model_summary
 
-# ----------------------------------------------------------------------------------------------
-# Configuration: two dataclasses (this one and data.DataConfig), one flat command line
-# ----------------------------------------------------------------------------------------------
 
-
+# --- Configuration: two dataclasses (this one and data.DataConfig), one flat command line ---------
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a run except the data's (``data.DataConfig``). ``--help`` prints both."""
@@ -232,11 +229,7 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(f"train.py: error: {e}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Processes and devices
-# ----------------------------------------------------------------------------------------------
-
-
+# --- Processes and devices ------------------------------------------------------------------------
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
@@ -248,11 +241,7 @@ def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimizer: per-module parameter groups, and the weight EMA
-# ----------------------------------------------------------------------------------------------
-
-
+# --- Optimizer: per-module parameter groups, and the weight EMA -----------------------------------
 def param_groups(model: Denoiser, cfg: TrainConfig, settings: sde_batch.OptimSettings) -> list[dict]:
     """AdamW groups: embedding, unembedding, and per block its attention, MLP and norms.
 
@@ -308,11 +297,7 @@ class EMA:
             self.params[name].copy_(tmp)
 
 
-# ----------------------------------------------------------------------------------------------
-# One training step, and the validation NELBO
-# ----------------------------------------------------------------------------------------------
-
-
+# --- One training step, and the validation NELBO --------------------------------------------------
 def noise_generator(seed: int, step: int) -> torch.Generator:
     """The forward process's randomness of a step: a pure function of (seed, step), like the data."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + 1)
@@ -419,11 +404,7 @@ def evaluate_nelbo(net: nn.Module, data: TriModalData, cfg: TrainConfig, d: Dist
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------------------------
-
-
+# --- The run --------------------------------------------------------------------------------------
 def log_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -1055,7 +1055,7 @@ def section_memory(opts: Options, shapes: list[Shape]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Targets (from the performance issue) and reporting
+# 10. Targets and reporting
 # ----------------------------------------------------------------------------------------------
 
 

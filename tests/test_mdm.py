@@ -1,6 +1,6 @@
 """Property tests of mdm.py: vocabulary, schedules, forward process, the NELBO and the denoiser.
 
-The ELBO tests follow DESIGN.md section 3: exactness is tested deterministically (enumerate every
+The ELBO tests: exactness is tested deterministically (enumerate every
 mask, integrate t by quadrature), and Monte-Carlo agreement is tested on a clipped window of t,
 where the estimator's variance is finite, against the exact value over the same window.
 """

@@ -2,7 +2,7 @@
 
 Formulas are checked against literal values and by property tests (identity at kappa = 1, exact
 composition, betas in (0, 1), the two forms of kappa, what each rule holds fixed per token). The
-rule itself is *shown* on the toy regression (DESIGN.md section 6): loss-versus-tokens curves at
+rule itself is *shown* on the toy regression: loss-versus-tokens curves at
 B_base/4 and 4·B_base track the reference run with the rule and do not without it, and two wrong
 rules (SGD's linear lr scaling, an unscaled weight EMA) fail the same comparison.
 """
@@ -247,13 +247,10 @@ def test_plan_fields_and_table() -> None:
     assert f"{p.settings.betas[1]:.6g}" in table and f"{p.settings.ema:.6g}" in table
 
 
-def test_cli_prints_the_table_and_the_warning(capsys: pytest.CaptureFixture[str]) -> None:
-    sb.main(["--B", "64", "--B-base", "256", "--D", "1e8", "--D-base", "1e9", "--seq-len", "1024"])
-    out = capsys.readouterr().out
-    assert "0.6886" in out and "WARNING" not in out
-    sb.main(["--B", "4096", "--B-base", "256", "--D", "1e9", "--D-base", "1e9", "--seq-len", "1024"])
-    out = capsys.readouterr().out
-    assert "EXCEEDED" in out and "WARNING: physical batch B = 4096" in out
+def test_table_and_warning_past_the_critical_batch() -> None:
+    p = sb.plan(Reference(batch=256, tokens=1e9, settings=OptimSettings()), 4096, 1e9, 1024)
+    warning = sb.critical_batch_warning(p)
+    assert "EXCEEDED" in p.describe() and warning is not None and warning.startswith("WARNING: physical batch B = 4096")
 
 
 # ----------------------------------------------------------------------------------------------
