@@ -7,7 +7,7 @@ merges; ``TextTokenizer`` runs them with ``tiktoken`` (a fast Rust implementatio
 in tiktoken's file format, so a standard tiktoken encoding can replace ours at scale.
 
 ``data.py`` tokenizes the corpora and captions with it; ``sample.py`` decodes generated text.
-Run ``python data.py train-bpe --vocab 1024`` to write ``assets/text_bpe_1024.tiktoken``.
+Run ``python -m lab.tokenizers train-bpe --vocab 1024`` to write ``assets/text_bpe_1024.tiktoken``.
 """
 
 from __future__ import annotations

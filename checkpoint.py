@@ -1,17 +1,12 @@
 """Checkpoints: what a run saves to continue exactly, what inference loads, and a portable export.
 
-Three forms of a trained model, one format definition:
-
 1. The resumable checkpoint (``save_checkpoint``, ``restore``): model, EMA, optimizer, data-iterator
    and RNG state plus the run's configs, so ``train.py --resume`` continues bit-identically. One
-   file, or one file per process under FSDP2 (``<dir>/rank<r>.pt``). It is read with
-   ``torch.load(weights_only=True)``: tensors and plain containers, never code.
+   file, or one per process under FSDP2 (``<dir>/rank<r>.pt``), read with ``weights_only=True``.
 2. ``load_for_inference``: the EMA weights in a ``model.Denoiser`` with the layout and tokenizers
-   (``Inference``), from a checkpoint, a sharded checkpoint or an export. ``sample.py`` and
-   ``evaluate.py`` use it; nothing here needs ``train.py``.
+   (``Inference``), from a checkpoint, a sharded checkpoint or an export; nothing here needs ``train.py``.
 3. The export (``export``): ``model.safetensors`` (the EMA weights by parameter name), a small
-   ``config.json`` and the tokenizer files, which a reader loads in ten lines with ``model.py`` and
-   ``data.py`` (README, "A trained model in ten lines").
+   ``config.json`` and the tokenizer files (README, "A trained model in ten lines").
 
 The audio codec is named by path; the checkpoint records its sha256, and a codec file with another
 hash is refused (it would give the model other tokens than it was trained on).
@@ -26,6 +21,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import fsq
 from bpe import TextTokenizer
@@ -46,11 +42,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, rank: int, sharded: bool) -> None:
     """Everything needed to continue exactly, and what inference needs.
 
-    run: the run's own record (its TrainConfig as a dict, step, tokens, world size); data: the
-    ``data.TriModalData`` (configs, layout, tokenizer, codec hash); ema: ``train.EMA``; it: the
-    ``data.BatchIterator``. torch.save to a temporary file, then rename: a crash never leaves a
-    half-written checkpoint. Without FSDP the caller lets process 0 write one file; with it every
-    process writes its own shards to ``path/rank<r>.pt``.
+    run: the run's record (its TrainConfig as a dict, step, tokens, world size); data: ``data.TriModalData``;
+    ema: ``train.EMA``; it: ``data.BatchIterator``. Written to a temporary file, then renamed (a crash never
+    leaves a half-written checkpoint): one file by process 0, or under FSDP one per process, ``path/rank<r>.pt``.
     """
     index = {id(p): name for name, p in model.named_parameters()}
     state = {
@@ -71,9 +65,7 @@ def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, 
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
         },
     }
-    if sharded:
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / f"rank{rank}.pt"
+    path = path / f"rank{rank}.pt" if sharded else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -84,10 +76,8 @@ def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
     """Load model, optimizer, EMA, iterator and RNG state in place; return (step, tokens)."""
     with torch.no_grad():
         own = model.state_dict()
-        if set(own) != set(ckpt["model"]):
-            raise ValueError(
-                f"checkpoint and model disagree on parameters: {sorted(set(own) ^ set(ckpt['model']))[:5]}"
-            )
+        if differ := sorted(set(own) ^ set(ckpt["model"])):
+            raise ValueError(f"checkpoint and model disagree on parameters: {differ[:5]}")
         for k, v in own.items():
             local(v).copy_(ckpt["model"][k])
         for k, e in ema.params.items():
@@ -95,14 +85,11 @@ def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
     params = dict(model.named_parameters())
     for name, st in ckpt["optimizer"]["state"].items():
         p = params[name]
-        opt.state[p] = {
-            k: (
-                torch.distributed.tensor.DTensor.from_local(v.to(local(p).device), p.device_mesh, p.placements)
-                if hasattr(p, "device_mesh") and v.dim() > 0
-                else v.to(local(p).device)
-            )
-            for k, v in st.items()
-        }
+        st = {k: v.to(local(p).device) for k, v in st.items()}
+        if hasattr(p, "device_mesh"):  # FSDP2: the moments are sharded like their parameter, the step count is not
+            mesh = p.device_mesh, p.placements
+            st = {k: torch.distributed.tensor.DTensor.from_local(v, *mesh) if v.dim() else v for k, v in st.items()}
+        opt.state[p] = st
     for g, saved in zip(opt.param_groups, ckpt["optimizer"]["groups"], strict=True):
         g.update(saved)
     it.load_state_dict(ckpt["data"])
@@ -113,8 +100,7 @@ def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only), with clear errors."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "rank0.pt"
+    path = path / "rank0.pt" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -155,17 +141,13 @@ def codec_voucher(path: str, recorded: str, named: bool) -> str:
 def gather_shards(path: str | Path, first: dict) -> dict:
     """Full model and EMA tensors from a sharded (FSDP2) checkpoint folder, for inference on one process.
 
-    fully_shard splits every parameter along dim 0 into one contiguous chunk per rank (torch.chunk
-    order), so concatenating the ranks' local shards in rank order rebuilds the full tensor.
+    fully_shard splits every parameter along dim 0 into one chunk per rank (torch.chunk order), so
+    concatenating the ranks' local shards in rank order rebuilds the full tensor.
     """
     shards = [first] + [read_checkpoint(Path(path) / f"rank{r}.pt") for r in range(1, first["world"])]
-
-    def full(part: str) -> dict | None:
-        if first[part] is None:
-            return None
-        return {k: torch.cat([s[part][k] for s in shards]) if v.dim() else v for k, v in first[part].items()}
-
-    return {**first, "model": full("model"), "ema": full("ema"), "sharded": False}
+    parts = [part for part in ("model", "ema") if first[part] is not None]  # without an EMA, "ema" stays None
+    full = {p: {k: torch.cat([s[p][k] for s in shards]) if v.dim() else v for k, v in first[p].items()} for p in parts}
+    return {**first, **full, "sharded": False}
 
 
 @dataclass
@@ -181,41 +163,41 @@ class Inference:
     step: int
 
 
+def bundle(record: dict, model_cfg: dict, weights: dict, cfg: DataConfig, tok: TextTokenizer, device: str) -> Inference:
+    """The ``Inference`` of a checkpoint or an export (``record``: its layout, step and codec hash)."""
+    layout = Layout.from_dict(record["layout"])
+    model = Denoiser(ModelConfig(**model_cfg), layout.vocab)
+    model.load_state_dict(weights)
+    codec = fsq.load_audio_codec(cfg.audio_codec, record["audio_codec_sha256"])
+    pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
+    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(record["step"]))
+
+
 def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cpu", audio_codec: str = "") -> Inference:
     """The trained denoiser (EMA weights by default) with its layout and tokenizers.
 
-    path: a checkpoint file, a sharded checkpoint folder, or an export folder (``export``).
-    audio_codec: a codec file to use instead of the path the checkpoint names (a moved copy of the
-    same codec; its hash must be the recorded one).
+    path: a checkpoint file, a sharded checkpoint folder, or an export folder (``export``); audio_codec: a
+    codec file to use instead of the one the checkpoint names (a moved copy; its hash must be the recorded one).
     """
     path = Path(path)
     if (path / "config.json").is_file():
         return load_export(path, device)
     ckpt = read_checkpoint(path)
-    if ckpt["sharded"]:
-        ckpt = gather_shards(path, ckpt)
-    layout = Layout.from_dict(ckpt["layout"])
-    model = Denoiser(ModelConfig(**ckpt["model_config"]), layout.vocab)
+    ckpt = gather_shards(path, ckpt) if ckpt["sharded"] else ckpt
     weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
-    model.load_state_dict({**ckpt["model"], **weights})
     cfg = data_config(ckpt["data_config"])
     cfg = replace(cfg, audio_codec=audio_codec) if audio_codec else cfg
-    codec = fsq.load_audio_codec(cfg.audio_codec, codec_voucher(cfg.audio_codec, ckpt["audio_codec_sha256"], False))
     tok = TextTokenizer.from_text(ckpt["text_tokenizer"], f"{path}:text_tokenizer")
-    pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
-    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(ckpt["step"]))
+    return bundle(ckpt, ckpt["model_config"], {**ckpt["model"], **weights}, cfg, tok, device)
 
 
 # --- 3. The portable export: safetensors weights, a JSON config, the tokenizer files --------------
 def export(inf: Inference, folder: str | Path) -> Path:
     """Write ``folder``/model.safetensors, config.json, text_bpe.tiktoken and audio_codec.pt; return the folder."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in inf.model.state_dict().items()}, folder / "model.safetensors"
-    )
+    weights = {k: v.detach().cpu().contiguous() for k, v in inf.model.state_dict().items()}
+    save_file(weights, folder / "model.safetensors")
     inf.text_tokenizer.save(folder / "text_bpe.tiktoken")
     shutil.copyfile(inf.data_config.audio_codec, folder / "audio_codec.pt")
     config = {
@@ -232,17 +214,10 @@ def export(inf: Inference, folder: str | Path) -> Path:
 
 def load_export(folder: str | Path, device: str = "cpu") -> Inference:
     """An ``export`` folder as an ``Inference`` bundle (weights, layout, tokenizers, the codec it ships)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{folder}/config.json is not a trimodal-mdm export (format {EXPORT_FORMAT!r} expected)")
-    layout = Layout.from_dict(config["layout"])
-    model = Denoiser(ModelConfig(**config["model"]), layout.vocab)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
     cfg = data_config({**config["data"], "audio_codec": str(folder / config["data"]["audio_codec"])})
-    codec = fsq.load_audio_codec(cfg.audio_codec, config["audio_codec_sha256"])
     tok = TextTokenizer.load(folder / "text_bpe.tiktoken")
-    pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
-    return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(config["step"]))
+    return bundle(config, config["model"], load_file(folder / "model.safetensors"), cfg, tok, device)

@@ -1,11 +1,9 @@
 """One process or many: torchrun, DDP and FSDP2, a clean ending, and preemption.
 
-``train.py`` runs as one process on a laptop, or as one process per device under ``torchrun``
-(``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set): gloo on CPU, nccl on GPU. Every process builds
-the same batch and keeps its own rows (``data.BatchIterator``), so nothing here touches the data;
-this file only starts the processes' group, wraps the model for data parallelism (DDP, or FSDP2
-for the presets too large to replicate), ends the group cleanly, and turns a cluster's
-preemption signal into a checkpoint. A student can read ``train.py`` without it.
+``train.py`` runs as one process, or as one per device under ``torchrun`` (gloo on CPU, nccl on
+GPU). Every process builds the same batch and keeps its own rows, so nothing here touches the data:
+this file starts the process group, wraps the model (DDP, or FSDP2 for the presets too large to
+replicate), ends the group cleanly, and turns a preemption signal into a checkpoint.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ def setup_distributed(device: str) -> Dist:
     """Single process, or one process per device under torchrun (RANK/WORLD_SIZE set): gloo on CPU, nccl on GPU."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device=cuda but no CUDA device is visible")
     if "RANK" not in os.environ:
@@ -56,13 +53,11 @@ def setup_distributed(device: str) -> Dist:
 def teardown(d: Dist) -> None:
     """End a distributed run: free the process group on every process while all of them are still alive.
 
-    ``dist.destroy_process_group`` only forgets the group; the group itself (gloo's connections and
-    worker threads) is freed when the last object holding it goes, and the DDP wrapper and FSDP's
-    sharded tensors hold it. Left to the interpreter's exit, that happens while the interpreter is
-    shutting down, and a process that gets there while another one is still using its end of the
-    connections (rank 0 still plotting and writing the checkpoint) can abort with "terminate called
-    without an active exception". So the caller drops those objects first, and here the garbage
-    collector frees them, a barrier waits for every process, and the group is destroyed.
+    ``dist.destroy_process_group`` only forgets the group; gloo's connections and threads are freed with
+    the last object holding them (the DDP wrapper, FSDP's sharded tensors). Left to the interpreter's
+    shutdown, a process that gets there while another still uses the connections (rank 0 writing the
+    checkpoint) can abort with "terminate called without an active exception". So the caller drops those
+    objects, the garbage collector frees them here, a barrier waits for all, and the group is destroyed.
     """
     if d.world > 1:
         gc.collect()
@@ -73,12 +68,10 @@ def teardown(d: Dist) -> None:
 class Preemption:
     """SIGTERM and SIGUSR1 ask the run to stop after the current step, with a checkpoint.
 
-    A cluster preempts a job by sending SIGTERM (Kubernetes, SLURM at the end of a time limit) or,
-    when asked to (``#SBATCH --signal=USR1@120``), SIGUSR1 a while before it kills it. The handler
-    only records the signal; the loop checks ``requested`` between steps, so the checkpoint it then
-    writes is an ordinary one of a finished step and ``--resume`` continues bit-identically. With
-    several processes the signal reaches them at different moments: ``requested`` takes the maximum
-    over processes, so all of them stop after the same step.
+    A cluster preempts a job with SIGTERM (Kubernetes, SLURM at a time limit) or, if asked to
+    (``#SBATCH --signal=USR1@120``), SIGUSR1 a while before the kill. The handler only records the signal;
+    the loop checks ``requested`` between steps, so the checkpoint is an ordinary one of a finished step
+    (``--resume`` continues bit-identically), and the maximum over processes makes all stop after the same step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -103,11 +96,7 @@ class Preemption:
 
 
 class NLL(nn.Module):
-    """The training forward, (x_t, x0, where) -> -log p_theta(x0_i | x_t) at ``where``.
-
-    DDP and FSDP act through a module's forward; ``Denoiser.nll_at`` is a method, so this wrapper
-    makes it the forward that they wrap. Its state dict is the denoiser's under the prefix "model.".
-    """
+    """(x_t, x0, where) -> -log p_theta(x0_i | x_t) at ``where``: ``Denoiser.nll_at`` as the forward DDP/FSDP wrap."""
 
     def __init__(self, model: Denoiser) -> None:
         super().__init__()
@@ -136,12 +125,10 @@ def wrap(model: Denoiser, d: Dist, fsdp: bool, compile: bool = False, bf16: bool
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(d.device.type, (d.world,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kw = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+        kw = {"mesh": init_device_mesh(d.device.type, (d.world,))}
+        if bf16:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, **kw)
         return fully_shard(net, **kw)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)

@@ -13,9 +13,8 @@ in the order a reader needs it:
 4. loss:          ``nelbo`` (the unbiased Monte-Carlo NELBO) and ``exact_nelbo`` (the same quantity
    by exact enumeration, for tiny problems: tests and notebook 03 use it).
 
-``model.py`` is the network p_theta(x_0 | x_t); ``data.py`` turns text, images and audio into rows
-over ``Vocab``; ``train.py`` minimises ``nelbo``; ``sample.py`` runs the reverse process with the
-same ``Schedule``; ``evaluate.py`` reports ``nelbo`` in bits.
+``model.py`` is the network p_theta(x_0 | x_t), ``data.py`` makes rows over ``Vocab``, ``train.py``
+minimises ``nelbo``, ``sample.py`` runs the reverse process, ``evaluate.py`` reports ``nelbo`` in bits.
 
 Notation (that of MDLM and MD4, with beta = 1 - alpha): x_0 clean tokens, x_t the row at noise
 level t in [0, 1], beta_t the probability that a position is masked at time t, I_t the set of
@@ -29,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from itertools import combinations
 
 import torch
@@ -53,9 +52,8 @@ class Vocab:
 
     Each modality's predictable tokens form one contiguous slice (``predict_slice``), so restricting
     the logits at a position to its modality's sub-vocabulary is a slice of the unembedding matrix,
-    and MASK and task tokens (the control block) can never be predicted. The modality of *any* id is
-    defined, MASK_m and PAD_text included, so the modality of every position of x_t can be read off
-    x_t itself: a masked position still says which modality it belongs to.
+    and MASK and task tokens can never be predicted. Every id has a modality, MASK_m and PAD_text
+    included, so a masked position of x_t still says which modality it belongs to.
     """
 
     text: int
@@ -74,12 +72,7 @@ class Vocab:
 
     def block_start(self, modality: str) -> int:
         """First global id of a modality's block (its content tokens start there)."""
-        start = 0
-        for m in MODALITIES:
-            if m == _check_modality(modality):
-                return start
-            start += self.predict_size(m)
-        raise AssertionError("unreachable")
+        return sum(self.predict_size(m) for m in MODALITIES[: MODALITIES.index(_check_modality(modality))])
 
     def predict_size(self, modality: str) -> int:
         """Content tokens + BOS + EOS (+ PAD for text): what a position of this modality may be."""
@@ -121,49 +114,33 @@ class Vocab:
     def to_global(self, local: Tensor, modality: str) -> Tensor:
         """Map a tokenizer's local ids (0 .. size_m - 1) of one modality to global ids."""
         n = self.content_size(modality)
-        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= n):
-            raise ValueError(
-                f"{modality} token ids must lie in [0, {n}); got range [{int(local.min())}, {int(local.max())}]"
-            )
+        _check_range(local, 0, n, f"{modality} token ids must lie in [0, {n})")
         return local + self.block_start(modality)
 
     def to_local(self, ids: Tensor, modality: str) -> Tensor:
         """Inverse of ``to_global``; raises if an id is not a content token of ``modality``."""
-        start, n = self.block_start(modality), self.content_size(modality)
-        if ids.numel() and (int(ids.min()) < start or int(ids.max()) >= start + n):
-            raise ValueError(
-                f"ids are not all {modality} content tokens (global range [{start}, {start + n})); "
-                f"got range [{int(ids.min())}, {int(ids.max())}]"
-            )
+        start = self.block_start(modality)
+        end = start + self.content_size(modality)
+        _check_range(ids, start, end, f"ids are not all {modality} content tokens (global range [{start}, {end}))")
         return ids - start
 
     def modality_table(self) -> Tensor:
-        """(V,) int64: the modality index (into MODALITIES) of every id, specials included.
-
-        Control tokens: MASK_m belongs to m; task tokens count as text (they are never predicted).
-        """
-        table = torch.empty(self.size, dtype=torch.long)
+        """(V,) int64: the modality index (into MODALITIES) of every id; MASK_m is m's, task tokens are text."""
+        table = torch.full((self.size,), MODALITIES.index("text"))
         for i, m in enumerate(MODALITIES):
             table[self.predict_slice(m)] = i
             table[self.mask(m)] = i
-        for task in TASKS:
-            table[self.task(task)] = MODALITIES.index("text")
         return table
 
     def mask_table(self) -> Tensor:
         """(V,) int64: the MASK_m id that replaces each id when it is masked."""
-        masks = torch.tensor([self.mask(m) for m in MODALITIES])
-        return masks[self.modality_table()]
+        return torch.tensor([self.mask(m) for m in MODALITIES])[self.modality_table()]
 
     def check_ids(self, ids: Tensor) -> None:
         """Raise a clear error unless every id lies in [0, |V|)."""
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.size}) for this vocabulary; "
-                f"got range [{int(ids.min())}, {int(ids.max())}]"
-            )
+        _check_range(ids, 0, self.size, f"token ids must lie in [0, {self.size}) for this vocabulary")
 
     def modality_of(self, ids: Tensor) -> Tensor:
         """Modality index of each id (works on x_0 and on x_t alike); rejects out-of-range ids."""
@@ -171,34 +148,25 @@ class Vocab:
         return self.modality_table().to(ids.device)[ids.long()]
 
     def is_task(self, ids: Tensor) -> Tensor:
-        first = self.task(TASKS[0])
-        return (ids >= first) & (ids < first + len(TASKS))
+        return (ids >= self.task(TASKS[0])) & (ids < self.size)
 
     def is_mask(self, ids: Tensor) -> Tensor:
-        first = self.mask(MODALITIES[0])
-        return (ids >= first) & (ids < first + len(MODALITIES))
+        return (ids >= self.control_start) & (ids < self.task(TASKS[0]))
 
     def name(self, gid: int) -> str:
         """Human-readable name of a global id, e.g. 'text:17', 'EOS_image', 'MASK_audio'."""
         if not 0 <= gid < self.size:
             raise ValueError(f"id {gid} is outside the vocabulary [0, {self.size})")
         for m in MODALITIES:
-            if gid == self.bos(m):
-                return f"BOS_{m}"
-            if gid == self.eos(m):
-                return f"EOS_{m}"
-            if gid == self.mask(m):
-                return f"MASK_{m}"
-            s = self.block_start(m)
-            if s <= gid < s + self.content_size(m):
-                return f"{m}:{gid - s}"
-        if gid == self.pad:
-            return "PAD_text"
-        return f"TASK_{TASKS[gid - self.task(TASKS[0])]}"
+            local, n = gid - self.block_start(m), self.content_size(m)
+            if local < self.predict_size(m):
+                return f"{m}:{local}" if local < n else ("BOS_", "EOS_", "PAD_")[local - n] + m
+        k = gid - self.control_start  # past the three blocks: the control block
+        return f"MASK_{MODALITIES[k]}" if k < len(MODALITIES) else f"TASK_{TASKS[k - len(MODALITIES)]}"
 
     # --- storage in checkpoints ---------------------------------------------------------------
     def to_dict(self) -> dict[str, int]:
-        return {"text": self.text, "audio": self.audio, "image": self.image}
+        return {m: getattr(self, m) for m in MODALITIES}
 
     @classmethod
     def from_dict(cls, d: dict) -> Vocab:
@@ -213,21 +181,25 @@ def _check_modality(modality: str) -> str:
     return modality
 
 
+def _check_range(ids: Tensor, lo: int, hi: int, message: str) -> None:
+    """Raise ValueError(message + the ids' range) unless every id lies in [lo, hi)."""
+    if ids.numel() and (int(ids.min()) < lo or int(ids.max()) >= hi):
+        raise ValueError(f"{message}; got range [{int(ids.min())}, {int(ids.max())}]")
+
+
 # --- 2. Noise schedules ---------------------------------------------------------------------------
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "poly")
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A masking schedule beta(t): the probability that a position is masked at time t.
-
-    Every schedule is monotone with beta(0) = 0 and beta(1) = 1.
+    """A masking schedule beta(t) = P(a position is masked at time t); monotone, beta(0) = 0, beta(1) = 1.
 
     * linear:     beta(t) = t,                beta'(t) = 1,                     w(t) = 1/t
     * cosine:     beta(t) = 1 - cos(pi t/2),  beta'(t) = (pi/2) sin(pi t/2),    w(t) = (pi/2) cot(pi t/4)
     * poly (p>0): beta(t) = t^p,              beta'(t) = p t^(p-1),             w(t) = p/t
 
-    w(t) = beta'(t)/beta(t) is the ELBO weight of the masked cross-entropy (``nelbo``). For the
+    w(t) = beta'(t)/beta(t) is the ELBO weight of the masked cross-entropy (``nelbo``); for the
     cosine schedule sin(x)/(1 - cos(x)) = cot(x/2) gives the stable form above. The paper's
     published summary reports a polynomial schedule as the best for generation quality. The
     continuous-time NELBO of a fixed denoiser does not depend on the schedule (substitute
@@ -296,8 +268,7 @@ def sample_times(
     "low-discrepancy" sampler of MDLM/MD4), dealt to the rows in a random order. The t's cover
     [lo, hi] evenly, which lowers the variance of a batch's loss; the random order makes each row's
     t marginally uniform (its stratum j is uniform, its offset u too), so every row's estimate is
-    unbiased on its own, not only the batch mean (in stratum order, row i's t would always fall
-    in the i-th n-th of the window).
+    unbiased on its own, not only the batch mean.
 
     Why clip at t_min: with w(t) ~ 1/t a single-token mask at small t is rare but weighted ~1/t, so
     the estimator's variance diverges logarithmically as t -> 0; the anti-masked copy has the same
@@ -322,8 +293,8 @@ def mask_positions(u: Tensor, maskable: Tensor, beta_t: Tensor, complement: bool
     u (B, L): one uniform per position, the coupling. Position i is masked iff u_i < beta_t, so
     for a fixed u the masked set only grows with t (masks are absorbing and nested in t) and each
     position is masked independently with probability beta_t. ``complement`` returns the other
-    positions (u_i >= beta_t): a mask at ratio 1 - beta_t. Positions with maskable False (padding,
-    the task token) are never masked.
+    maskable positions (u_i >= beta_t): a mask at ratio 1 - beta_t. Positions with maskable False
+    (padding, the task token) are never masked.
     """
     below = u < beta_t[:, None]
     return (~below if complement else below) & maskable
@@ -331,8 +302,7 @@ def mask_positions(u: Tensor, maskable: Tensor, beta_t: Tensor, complement: bool
 
 def apply_mask(x0: Tensor, masked: Tensor, vocab: Vocab) -> Tensor:
     """x_t: x_0 with each masked position replaced by MASK_m of that position's modality m."""
-    mask_ids = vocab.mask_table().to(x0.device)[x0]
-    return torch.where(masked, mask_ids, x0)
+    return torch.where(masked, vocab.mask_table().to(x0.device)[x0], x0)
 
 
 def maskable_positions(x0: Tensor, pad: Tensor, vocab: Vocab) -> Tensor:
@@ -361,10 +331,10 @@ class Corrupted:
 
     def rows(self, sl: slice) -> Corrupted:
         """The rows ``sl`` (a data-parallel rank's share, or one micro-batch)."""
-        return Corrupted(*(getattr(self, f)[sl] for f in ("x0", "x_t", "masked", "maskable", "t", "weight")))
+        return Corrupted(*(getattr(self, f.name)[sl] for f in fields(self)))
 
     def to(self, device: torch.device | str) -> Corrupted:
-        return Corrupted(*(getattr(self, f).to(device) for f in ("x0", "x_t", "masked", "maskable", "t", "weight")))
+        return Corrupted(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def corrupt(
@@ -386,23 +356,20 @@ def corrupt(
 
     Anti-masking: the paper's published summary reports that it improved FID, FAD and text
     benchmarks at no extra cost, without defining it; this project reads it as complementary masks
-    (our reading, not the paper's text). The batch holds each of the
-    B sequences twice, once with mask M drawn at time t and once with the complement of M on its
-    maskable positions. The complement is a mask at ratio 1 - beta(t), i.e. distributed as the
-    forward process at the time s with beta(s) = 1 - beta(t). Substituting b = 1 - beta(t),
-    db = -beta'(t) dt, shows that the complement's weight must be beta'(t)/(1 - beta(t)) for its
-    expectation to be the NELBO (for the linear schedule: the mask at time 1 - t, weight
-    1/(1 - t)). Each copy is unbiased on its own; together every token is supervised exactly once
-    per pair, which lowers variance at the same compute per row. The output then has 2B rows:
-    rows [0, B) the masks, rows [B, 2B) their complements.
+    (our reading, not the paper's text). The batch holds each of the B sequences twice, once with
+    mask M drawn at time t and once with the complement of M on its maskable positions: a mask at
+    ratio 1 - beta(t), i.e. the forward process at the time s with beta(s) = 1 - beta(t).
+    Substituting b = 1 - beta(t), db = -beta'(t) dt, shows that the complement's weight must be
+    beta'(t)/(1 - beta(t)) for its expectation to be the NELBO (for the linear schedule: the mask
+    at time 1 - t, weight 1/(1 - t)). Each copy is unbiased on its own; together every token is
+    supervised exactly once per pair, which lowers variance at the same compute per row. The
+    output has 2B rows: rows [0, B) the masks, rows [B, 2B) their complements.
     """
     if x0.shape != pad.shape or x0.dim() != 2:
         raise ValueError(f"x0 and pad must both be (B, L); got {tuple(x0.shape)} and {tuple(pad.shape)}")
     vocab.check_ids(x0)
     B = x0.shape[0]
-    if t is None:
-        t = sample_times(B, t_min, stratified, generator)
-    t = t.to(torch.float64)
+    t = (sample_times(B, t_min, stratified, generator) if t is None else t).to(torch.float64)
     if t.shape != (B,):
         raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
     maskable = maskable_positions(x0, pad, vocab)
@@ -439,7 +406,7 @@ def drop_segments(c: Corrupted, drop: Tensor, vocab: Vocab) -> Corrupted:
     conditional one (``sample.py``). Rows without dropped positions are unchanged.
     """
     x_t = torch.where(drop, vocab.mask_table().to(c.x0.device)[c.x0], c.x_t)
-    return Corrupted(c.x0, x_t, c.masked & ~drop, c.maskable & ~drop, c.t, c.weight)
+    return replace(c, x_t=x_t, masked=c.masked & ~drop, maskable=c.maskable & ~drop)
 
 
 def reveal_segments(c: Corrupted, given: Tensor) -> Corrupted:
@@ -447,12 +414,12 @@ def reveal_segments(c: Corrupted, given: Tensor) -> Corrupted:
 
     given (B, L) bool: positions to condition on, e.g. the caption of an image-text row. They keep
     their clean tokens, are not supervised and do not count in N(x), so the row estimates
-    -log p(rest | given segment): exactly the situation of text-to-image or captioning at sampling
-    time, which the joint forward process reaches only rarely (a whole caption unmasked while most
-    of the image is masked needs every caption token to survive at a large t).
+    -log p(rest | given segment): the situation of text-to-image or captioning at sampling time,
+    which the joint forward process reaches only rarely (a whole caption unmasked while most of
+    the image is masked needs every caption token to survive at a large t).
     """
     x_t = torch.where(given, c.x0, c.x_t)
-    return Corrupted(c.x0, x_t, c.masked & ~given, c.maskable & ~given, c.t, c.weight)
+    return replace(c, x_t=x_t, masked=c.masked & ~given, maskable=c.maskable & ~given)
 
 
 # --- 4. The loss: an unbiased estimate of the negative ELBO ---------------------------------------
@@ -506,15 +473,12 @@ def nelbo(nll_fn: NllFn, c: Corrupted, vocab: Vocab) -> NELBO:
     rows = c.masked.nonzero()[:, 0]
     weighted = c.weight[rows].to(nll.dtype) * nll  # (n,) w(t_row) * -log p
     n_data = c.maskable.sum(-1)  # (B,) N(x)
-    loss = weighted.sum() / n_data.sum().clamp_min(1)
-    per_row = torch.zeros(c.x0.shape[0], dtype=torch.float64, device=nll.device)
-    per_row.index_add_(0, rows, weighted.detach().double())
-    per_row = per_row / n_data.clamp_min(1)
+    detached = weighted.detach().double()
+    per_row = nll.new_zeros(len(n_data), dtype=torch.float64).index_add_(0, rows, detached) / n_data.clamp_min(1)
     modality = vocab.modality_of(c.x0)  # (B, L)
-    sums = torch.zeros(len(MODALITIES), dtype=torch.float64, device=nll.device)
-    sums.index_add_(0, modality[c.masked], weighted.detach().double())
+    sums = nll.new_zeros(len(MODALITIES), dtype=torch.float64).index_add_(0, modality[c.masked], detached)
     counts = torch.bincount(modality[c.maskable], minlength=len(MODALITIES))
-    return NELBO(loss, sums, counts, per_row)
+    return NELBO(weighted.sum() / n_data.sum().clamp_min(1), sums, counts, per_row)
 
 
 def exact_nelbo(
@@ -542,26 +506,18 @@ def exact_nelbo(
         raise ValueError(f"exact_nelbo enumerates 2^N masks; N = {N} is too large (at most 16)")
     A = [0.0] * (N + 1)
     for k in range(1, N + 1):
-        subsets = list(combinations(idx, k))
-        where = torch.zeros(len(subsets), x0.shape[0], dtype=torch.bool)
-        for r, s in enumerate(subsets):
-            where[r, list(s)] = True
+        subsets = torch.tensor(list(combinations(idx, k)))  # (C(N,k), k)
+        where = torch.zeros(len(subsets), x0.shape[0], dtype=torch.bool).scatter_(1, subsets, True)
         xs = x0.expand(len(subsets), -1)
-        nll = nll_fn(apply_mask(xs, where, vocab), xs, where)
-        A[k] = float(nll.double().sum()) / len(subsets)
+        A[k] = float(nll_fn(apply_mask(xs, where, vocab), xs, where).double().sum()) / len(subsets)
     if (b_lo, b_hi) == (0.0, 1.0):
         return sum(A[k] / k for k in range(1, N + 1))
-    nodes, weights = _gauss_legendre(N + 1)
+    import numpy as np
+
+    nodes, weights = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(N + 1))
     b = b_lo + (b_hi - b_lo) * (nodes + 1) / 2
     integrand = sum(math.comb(N, k) * A[k] * b ** (k - 1) * (1 - b) ** (N - k) for k in range(1, N + 1))
     return float((weights * integrand).sum() * (b_hi - b_lo) / 2)
-
-
-def _gauss_legendre(n: int) -> tuple[Tensor, Tensor]:
-    import numpy as np
-
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    return torch.from_numpy(nodes), torch.from_numpy(weights)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,12 @@
 """The network: a bidirectional pre-norm transformer p_theta(x_0 | x_t) over the shared vocabulary.
 
-``mdm.py`` holds the math of masked diffusion and needs only a function that returns
--log p_theta(x_0,i | x_t) at the masked positions; this file is that function's network, nothing
-more (a plain transformer, as in nanoGPT's model.py, with three changes):
+``mdm.py`` needs only -log p_theta(x_0,i | x_t) at the masked positions; this is its network, a plain
+transformer (as in nanoGPT) with RMSNorm, rotary positions, QK-norm and SwiGLU, and three changes:
 
-* no causal mask: every position sees the whole row (its causal twin, ``causal=True``, is the
-  autoregressive baseline of the same shape);
-* no time input: the MASK tokens of x_t say everything about t that the optimal denoiser needs;
+* no causal mask: every position sees the whole row (``causal=True`` gives the autoregressive baseline);
+* no time input: the pattern of MASK tokens in x_t carries all the information about t that the
+  optimal denoiser needs (the true conditionals of masked positions do not depend on t);
 * each position's logits cover only its own modality's tokens, so MASK is never predicted.
-
-Modern parts: RMSNorm, rotary positions, QK-norm, SwiGLU; presets from ``tiny`` (2 CPU cores,
-minutes) to ``xl`` (about the paper's 3B).
 """
 
 from __future__ import annotations
@@ -49,17 +45,15 @@ class ModelConfig:
         return 64 * math.ceil(self.mlp_ratio * self.d_model / 64)
 
 
-# Width, depth and heads of each named size. The size in each name counts the transformer body
-# (about 12 d^2 per layer, the "non-embedding" count of scaling-law papers); the embedding and
-# unembedding add 2 |V| d on top (0.8M for tiny's default vocabulary, 77M at d=768 with a 50k one).
-# The paper's largest model is ~3B.
+# Width, depth and heads of each named size. Comments count the transformer body (about 12 d^2 per layer, the
+# "non-embedding" count); embedding and unembedding add 2 |V| d (0.8M for tiny's vocabulary, 77M at d=768, |V|=50k).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4, max_len=256),  # 0.8M body; CPU minutes
     "small": ModelConfig(d_model=512, n_layers=8, n_heads=8, max_len=256),  # 25M
     "base": ModelConfig(d_model=768, n_layers=18, n_heads=12, max_len=1024),  # 127M
     "medium": ModelConfig(d_model=1024, n_layers=28, n_heads=16, max_len=1024),  # 353M
     "large": ModelConfig(d_model=2048, n_layers=20, n_heads=16, max_len=2048),  # 1.0B
-    "xl": ModelConfig(d_model=2560, n_layers=38, n_heads=20, max_len=2048),  # 3.0B
+    "xl": ModelConfig(d_model=2560, n_layers=38, n_heads=20, max_len=2048),  # 3.0B, about the paper's largest
 }
 
 
@@ -68,8 +62,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
@@ -102,8 +95,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B,H,L,hd)
-        q = apply_rotary(self.q_norm(q), cos, sin)
-        k = apply_rotary(self.k_norm(k), cos, sin)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, hd)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
@@ -135,20 +127,15 @@ class Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """p_theta(x_0 | x_t): a bidirectional pre-norm transformer over the shared vocabulary.
-
-    No time input: the pattern of MASK tokens in x_t carries all the information about t that the
-    optimal denoiser needs (the true conditionals of masked positions do not depend on t).
+    """p_theta(x_0 | x_t), without time input (see the module docstring).
 
     Output restriction ("zero-masking" plus modality restriction): at a position of modality m the
     logits cover only ``vocab.predict_slice(m)`` (m's content tokens, BOS_m, EOS_m and, for text,
     PAD_text). MASK and task tokens and other modalities' tokens get probability exactly 0.
 
-    Initialization (documented because it matters for small runs):
-    * token embeddings and all linear layers ~ N(0, 0.02^2);
-    * the two residual-output projections of each block (attention out, MLP down) ~
-      N(0, (0.02 / sqrt(2 n_layers))^2), so the residual stream's variance does not grow with depth;
-    * RMSNorm gains = 1;
+    Initialization: token embeddings and all linear layers ~ N(0, 0.02^2), RMSNorm gains = 1, except
+    * each block's two residual-output projections (attention out, MLP down) ~ N(0, (0.02 / sqrt(2 n_layers))^2),
+      so the residual stream's variance does not grow with depth;
     * the unembedding is zero, so at initialization every position predicts the uniform distribution
       over its modality's sub-vocabulary and the loss per masked token is exactly log |slice_m|.
     """
@@ -160,15 +147,14 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model)
         self.unembed = nn.Linear(cfg.d_model, vocab.control_start, bias=False)  # only predictable ids
-        cos, sin = rotary_tables(cfg.max_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("modality_ids", vocab.modality_table(), persistent=False)
         self.slices = [vocab.predict_slice(m) for m in MODALITIES]
         logit_mask = torch.full((len(MODALITIES), vocab.size), -math.inf)  # (3, |V|): 0 on slice_m
         for m, s in enumerate(self.slices):
             logit_mask[m, s] = 0.0
-        self.register_buffer("logit_mask", logit_mask, persistent=False)
+        cos, sin = rotary_tables(cfg.max_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
+        buffers = {"rope_cos": cos, "rope_sin": sin, "modality_ids": vocab.modality_table(), "logit_mask": logit_mask}
+        for name, buffer in buffers.items():
+            self.register_buffer(name, buffer, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -192,31 +178,27 @@ class Denoiser(nn.Module):
         L = x_t.shape[1]
         if L > self.cfg.max_len:
             raise ValueError(f"sequence length {L} exceeds the model's max_len {self.cfg.max_len}")
-        h = self.embed(x_t)
-        cos, sin = self.rope_cos[:L], self.rope_sin[:L]
+        h, cos, sin = self.embed(x_t), self.rope_cos[:L], self.rope_sin[:L]
         for block in self.blocks:
             h = block(h, cos, sin)
         return self.final_norm(h)
 
     def modality_logits(self, h: Tensor, m: int) -> Tensor:
         """(n, d) hidden states of positions of modality MODALITIES[m] -> (n, |slice_m|) logits."""
-        s = self.slices[m]
-        return h @ self.unembed.weight[s].T
+        return h @ self.unembed.weight[self.slices[m]].T
 
     def nll_at(self, x_t: Tensor, x0: Tensor, where: Tensor) -> Tensor:
         """-log p_theta(x0_i | x_t) at the positions where (B, L) is True -> (n,), row-major.
 
-        Only the selected positions are unembedded, each against its own modality's slice: the
-        logits at the other positions are never computed. For the causal twin (``cfg.causal``, the
-        autoregressive baseline) x_t is the clean row and position i is predicted from the hidden
-        state at i - 1: -log p(x_i | x_<i), next-token prediction (see ``next_token_batch``).
+        Only these positions are unembedded, each against its own modality's slice. For the causal
+        twin (``cfg.causal``) x_t is the clean row and position i is predicted from the hidden state
+        at i - 1: -log p(x_i | x_<i), next-token prediction (see ``next_token_batch``).
         """
         h = self.hidden(x_t)  # (B, L, d)
         if self.cfg.causal:
             h = F.pad(h[:, :-1], (0, 0, 1, 0))  # the state at i - 1 predicts position i
         h = h[where]  # (n, d)
-        mod = self.modality_ids[x_t[where]]  # (n,) modality of each selected position
-        target = x0[where]
+        mod, target = self.modality_ids[x_t[where]], x0[where]  # (n,) modality and target of each position
         out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for m, s in enumerate(self.slices):
             rows = (mod == m).nonzero()[:, 0]
@@ -231,30 +213,26 @@ class Denoiser(nn.Module):
         x_t (B, L) ids. Without ``where``: (B, L, |V|). With a bool ``where`` (B, L): (n, |V|) at
         those positions only, row-major (the samplers ask only for still-masked positions).
         """
-        h = self.hidden(x_t)
-        mod = self.modality_ids[x_t]  # (B, L)
+        h, mod = self.hidden(x_t), self.modality_ids[x_t]  # (B, L, d), (B, L)
         if where is not None:
             h, mod = h[where], mod[where]
-        logits = h @ self.unembed.weight.T  # (..., |predictable|)
-        logits = F.pad(logits.float(), (0, self.vocab.size - logits.shape[-1]), value=-math.inf)
-        return logits + self.logit_mask[mod]
+        logits = (h @ self.unembed.weight.T).float()  # (..., |predictable|), padded with -inf to (..., |V|)
+        return F.pad(logits, (0, self.vocab.size - logits.shape[-1]), value=-math.inf) + self.logit_mask[mod]
 
 
 @torch.no_grad()
 def embed_codes(model: Denoiser, modality: str, codes: Tensor, generator: torch.Generator | None = None) -> None:
     """Start a media block's input embeddings from what its tokens stand for (call before training).
 
-    A media token is a code c in R^k: the gray levels of a patch's pixels (``data.PixelTokenizer``)
-    or an FSQ code (``fsq``), and near codes mean near content. A randomly initialized embedding
-    table knows none of this: each of the |V_m| ids must learn its meaning separately, from the few
-    rows that contain it. Adding a random linear image of the standardized code,
+    A media token is a code c in R^k (the gray levels of a patch's pixels, ``data.PixelTokenizer``, or
+    an FSQ code, ``fsq``), and near codes mean near content; a random embedding table knows none of
+    this. Adding a random linear image of the standardized code,
 
         E[id] <- E[id] + z(c_id) R,   z = (c - mean) / std per code dimension,   R ~ N(0, 0.02^2)^(k x d),
 
-    gives the transformer, from step 0, a view of each image / clip that is linear in its content
-    (a linear read-out of the 64 pixels already tells most digits apart). The table stays an ordinary
-    trained parameter; ``train.py --code_init`` turns this on (its effect is measured in lab/STUDIES.md).
-    codes: (|V_m|, k), one row per content token of the modality, in id order.
+    gives the transformer, from step 0, a view of each image / clip that is linear in its content; the
+    table stays an ordinary trained parameter (``train.py --code_init``). codes: (|V_m|, k), one row
+    per content token of the modality, in id order.
     """
     if modality not in ("image", "audio"):
         raise ValueError(f"embed_codes starts media embeddings (image, audio), not {modality!r}")
@@ -269,8 +247,7 @@ def embed_codes(model: Denoiser, modality: str, codes: Tensor, generator: torch.
 
 def model_summary(model: Denoiser) -> str:
     """One line: preset shape and parameter count (embedding, body, unembedding)."""
-    cfg = model.cfg
-    total, body = model.num_parameters(), model.num_parameters(body_only=True)
+    cfg, total, body = model.cfg, model.num_parameters(), model.num_parameters(body_only=True)
     return (
         f"Denoiser d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} |V|={model.vocab.size}: "
         f"{total / 1e6:.2f}M parameters ({body / 1e6:.2f}M body, {(total - body) / 1e6:.2f}M embedding + unembedding)"

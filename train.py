@@ -10,20 +10,17 @@
 ``main`` reads top to bottom: configuration, data, model, optimizer, the loop, saving. One step:
 1. ``data.BatchIterator`` builds the batch of step k, a pure function of (seed, k), with each pair
    row's role (conditional: one segment given clean; unconditional: one hidden; or joint);
-2. ``corrupt_batch`` draws t and the masks for all of it (``mdm.corrupt``; anti-masking doubles
-   each row) and applies the roles (``mdm.reveal_segments``, ``mdm.drop_segments``);
-3. this process keeps its rows and splits them into micro-batches; each micro-batch's
-   ``mdm.nelbo`` is scaled so that the gradients summed over micro-batches and averaged by DDP/FSDP
-   over processes are those of the NELBO of the whole batch (``train_step``);
+2. ``corrupt_batch`` draws t and the masks (``mdm.corrupt``; anti-masking doubles each row) and
+   applies the roles (``mdm.reveal_segments``, ``mdm.drop_segments``);
+3. each process splits its rows into micro-batches whose ``mdm.nelbo`` is scaled so that the gradients
+   summed over micro-batches and averaged over processes are those of the whole batch's NELBO;
 4. AdamW steps with per-module learning rates; the weight EMA follows.
-So the losses of a run do not depend on the number of processes or of accumulation steps, and a
-resumed run continues exactly (tests/test_train.py checks both).
+So the losses do not depend on the numbers of processes and accumulation steps, and a resumed run
+continues exactly (tests/test_train.py checks both).
 
-Batch vocabulary: ``batch_size`` B counts rows per optimizer step over all processes (the *physical*
-batch of ``sde_batch.py``; with anti-masking half of them are the complements of the other half);
-``micro_batch`` is what one process runs at once. ``tokens`` is the horizon D; the learning-rate
-schedule and every optimizer setting come from ``sde_batch.plan`` (kappa = 1 unless a reference run
-``base_batch``/``base_tokens`` is given).
+``batch_size`` B is the *physical* batch of ``sde_batch.py`` (anti-masked complements included) and
+``tokens`` the horizon D; the schedule and every optimizer setting come from ``sde_batch.plan``
+(kappa = 1 unless a reference run ``base_batch``/``base_tokens`` is given).
 """
 
 from __future__ import annotations
@@ -44,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim import AdamW
 from tqdm import tqdm
 
 import checkpoint
@@ -158,31 +156,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parser() -> ArgumentParser:
     """The command line: every field of TrainConfig and DataConfig as ``--name`` (or ``--na-me``)."""
-    p = ArgumentParser(
-        prog="train.py",
-        usage="python train.py [--option=value ...]",
-        allow_abbrev=False,
-        description=__doc__.split("\n\n")[0],
-        argument_default=argparse.SUPPRESS,
-    )
+    about = {"description": __doc__.split("\n\n")[0], "allow_abbrev": False, "argument_default": argparse.SUPPRESS}
+    p = ArgumentParser(prog="train.py", usage="python train.py [--option=value ...]", **about)
     p.add_argument("--config", help="a JSON file of options (the command line wins)")
     p.add_argument("--resume", help="a checkpoint to continue exactly; its options apply unless given again")
-    for cls in (TrainConfig, DataConfig):
-        where = "train" if cls is TrainConfig else "data"
+    for where, cls in (("train", TrainConfig), ("data", DataConfig)):
         group, helps = p.add_argument_group(f"{where}.{cls.__name__}"), option_help(cls)
         for f in fields(cls):
             names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
             convert = lambda text, kind=f.type: to_value(kind, text)  # noqa: E731
             convert.__name__ = f.type  # argparse names it in "invalid <type> value"
             extra = {"nargs": "?", "const": "true"} if f.type == "bool" else {}
-            group.add_argument(
-                *names,
-                dest=f.name,
-                type=convert,
-                help=f"{helps[f.name]} (default: {f.default})",
-                metavar={"int": "N", "float": "X", "str": "S", "bool": "BOOL"}.get(f.type, "A,B,..."),
-                **extra,
-            )
+            metavar = {"int": "N", "float": "X", "str": "S", "bool": "BOOL"}.get(f.type, "A,B,...")
+            text = f"{helps[f.name]} (default: {f.default})"
+            group.add_argument(*names, dest=f.name, type=convert, help=text, metavar=metavar, **extra)
     return p
 
 
@@ -209,20 +196,14 @@ def parse_options(argv: list[str]) -> tuple[dict, str]:
 def split_options(options: dict, train: TrainConfig, data: DataConfig):
     """The two configs with ``options`` applied, each option to the config that has it."""
     mine = {f.name for f in fields(TrainConfig)}
-    return (
-        replace(train, **{k: v for k, v in options.items() if k in mine}),
-        replace(data, **{k: v for k, v in options.items() if k not in mine}),
-    )
+    train = replace(train, **{k: v for k, v in options.items() if k in mine})
+    return train, replace(data, **{k: v for k, v in options.items() if k not in mine})
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Expected errors (a bad option, an unreadable file, an impossible configuration) as one line, no traceback.
-
-    The functions that read options and files raise ValueError or FileNotFoundError with a message
-    that names the culprit; inside this block those become ``SystemExit`` ("train.py: error: ..."
-    on stderr, exit status 1). Errors anywhere else keep their traceback.
-    """
+    """A ValueError or FileNotFoundError in this block (a bad option, an unreadable file, an impossible
+    configuration) ends the run with one line, "train.py: error: ..." (status 1), and no traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
@@ -245,11 +226,10 @@ def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
 def param_groups(model: Denoiser, cfg: TrainConfig, settings: sde_batch.OptimSettings) -> list[dict]:
     """AdamW groups: embedding, unembedding, and per block its attention, MLP and norms.
 
-    Learning-rate multipliers (the paper's published summary: embedding and unembedding want much
-    larger effective learning rates, later blocks smaller updates): the embedding gets ``lr_embed``
-    (its rows are updated sparsely, by the tokens present), the unembedding ``lr_unembed``; block l
-    of n gets depth_factor^(l/(n-1)). Norm gains take no weight decay. A group's lr is its multiplier
-    times the scheduled lr.
+    Learning-rate multipliers (the paper's published summary: embedding and unembedding want much larger
+    effective learning rates, later blocks smaller updates): ``lr_embed`` for the embedding (its rows are
+    updated sparsely, by the tokens present), ``lr_unembed`` for the unembedding, depth_factor^(l/(n-1)) for
+    block l of n; a group's lr is its multiplier times the scheduled lr. Norm gains take no weight decay.
     """
     n, wd = len(model.blocks), settings.weight_decay
     groups = [
@@ -305,9 +285,7 @@ def noise_generator(seed: int, step: int) -> torch.Generator:
 
 def corrupt_batch(batch: Batch, vocab: mdm.Vocab, cfg: TrainConfig, step: int) -> mdm.Corrupted:
     """The forward process on the whole batch (the same on every process), with each pair row's role.
-
-    The AR twin's "forward process" masks nothing (``mdm.next_token_batch``).
-    """
+    The AR twin's "forward process" masks nothing (``mdm.next_token_batch``)."""
     if cfg.objective == "ar":
         return mdm.next_token_batch(batch.ids, batch.pad, vocab)
     schedule = mdm.Schedule.parse(cfg.schedule)
@@ -326,14 +304,7 @@ class StepResult:
 
 
 def train_step(
-    net: nn.Module,
-    opt: torch.optim.Optimizer,
-    c: mdm.Corrupted,
-    vocab: mdm.Vocab,
-    cfg: TrainConfig,
-    d: Dist,
-    micro: int,
-    lr: float,
+    net: nn.Module, opt: AdamW, c: mdm.Corrupted, vocab: mdm.Vocab, cfg: TrainConfig, d: Dist, micro: int, lr: float
 ) -> StepResult:
     """Gradient of the batch's NELBO from this process's micro-batches, then one AdamW step.
 
@@ -372,12 +343,14 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate_nelbo(net: nn.Module, data: TriModalData, cfg: TrainConfig, d: Dist) -> dict[str, float]:
-    """Validation NELBO per modality (nats per data token), on fixed batches and fixed noise.
+def validation(net, model: Denoiser, ema: EMA, data: TriModalData, cfg: TrainConfig, d: Dist, log: dict) -> dict:
+    """Validation NELBO per modality (nats per data token) with the EMA weights (what sampling uses), logged.
 
     The same rows and masks at every evaluation, stratified t and no anti-masking or roles, so
     successive evaluations differ only by the weights. Every process evaluates its share of the rows.
     """
+    model.eval()
+    ema.swap(model)
     it = BatchIterator(data, "val", cfg.batch_size, cfg.ratios, seed=12345)
     schedule = mdm.Schedule.parse(cfg.schedule)
     sums = torch.zeros(len(mdm.MODALITIES), dtype=torch.float64, device=d.device)
@@ -399,9 +372,16 @@ def evaluate_nelbo(net: nn.Module, data: TriModalData, cfg: TrainConfig, d: Dist
     if d.world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(counts)
-    out = mdm.per_modality(sums.cpu(), counts.cpu())
-    out["all"] = float(sums.sum() / counts.sum())
-    return out
+    result = mdm.per_modality(sums.cpu(), counts.cpu())
+    result["all"] = float(sums.sum() / counts.sum())
+    if hasattr(net, "reshard"):  # FSDP2 leaves the root's parameters unsharded after a forward-only pass
+        net.reshard()
+    ema.swap(model)
+    model.train()
+    if d.main:
+        log_jsonl(Path(cfg.out_dir) / "metrics.jsonl", {**log, "val": result, "ema": bool(ema.rho)})
+        evaluate.plot_losses(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
+    return result
 
 
 # --- The run --------------------------------------------------------------------------------------
@@ -411,12 +391,11 @@ def log_jsonl(path: Path, record: dict) -> None:
 
 
 def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, d: Dist, micro: int, fsdp: bool) -> str:
-    accum, rows = cfg.batch_size // (micro * d.world), cfg.batch_size // (2 if cfg.anti_masking else 1)
-    dc, lay = data.config, data.layout
+    accum, rows, lay = cfg.batch_size // (micro * d.world), cfg.batch_size // (1 + cfg.anti_masking), data.layout
     lines = [
         model_summary(model),
         f"data: |V| = {data.vocab.size}, L* = {lay.seq_len}, image {lay.image_len} tokens, audio {lay.audio_len} "
-        f"tokens; mixing {cfg.ratios}; speed copies of training clips {dc.audio_speeds or 'none'}",
+        f"tokens; mixing {cfg.ratios}; speed copies of training clips {data.config.audio_speeds or 'none'}",
         f"batch: {cfg.batch_size} rows/step ({rows} sequences{' x2 by anti-masking' if cfg.anti_masking else ''}) "
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "
@@ -443,21 +422,6 @@ def validate(cfg: TrainConfig, d: Dist) -> int:
             f"which --micro_batch={micro} does not divide"
         )
     return micro
-
-
-def validation(net, model: Denoiser, ema: EMA, data: TriModalData, cfg: TrainConfig, d: Dist, log: dict) -> dict:
-    """The validation NELBO with the EMA weights (what sampling uses), logged with ``log`` and plotted."""
-    model.eval()
-    ema.swap(model)
-    result = evaluate_nelbo(net, data, cfg, d)
-    if hasattr(net, "reshard"):  # FSDP2 leaves the root's parameters unsharded after a forward-only pass
-        net.reshard()
-    ema.swap(model)
-    model.train()
-    if d.main:
-        log_jsonl(Path(cfg.out_dir) / "metrics.jsonl", {**log, "val": result, "ema": bool(ema.rho)})
-        evaluate.plot_losses(Path(cfg.out_dir) / "metrics.jsonl", Path(cfg.out_dir) / "loss.png")
-    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -497,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = sde_batch.Reference(cfg.base_batch or cfg.batch_size, cfg.base_tokens or cfg.tokens, cfg.settings())
         plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, data_cfg.seq_len, cfg.min_steps)
     s = plan.settings
-    opt = torch.optim.AdamW(param_groups(model, cfg, s), lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
+    opt = AdamW(param_groups(model, cfg, s), lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
     ema = EMA(model, s.ema)
     step, tokens = checkpoint.restore(ckpt, model, opt, ema, it) if ckpt is not None else (0, 0)
     out = Path(cfg.out_dir)
@@ -519,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     preempt, stopped_by, failure = Preemption(), None, None
     if step == 0 and cfg.eval_every:
         val = validation(net, model, ema, data, cfg, d, {"step": 0, "tokens": 0})  # the untrained baseline
-    while step < stop:
+    while step < stop and not stopped_by:
         c = corrupt_batch(it.batch(step), data.vocab, cfg, step)
         it.step = step + 1
         lr = plan.lr_for_step(step)
@@ -534,20 +498,17 @@ def main(argv: list[str] | None = None) -> dict:
         step, tokens = step + 1, tokens + plan.tokens_per_step
         run_sums += r.modality_sums
         run_counts += r.modality_counts
-        elapsed = time.perf_counter() - t0
-        tok_s = (tokens - tokens0) / max(elapsed, 1e-9)
+        tok_s = (tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
         if d.main and (step % max(1, cfg.log_every) == 0 or step == stop):
-            train = mdm.per_modality(run_sums, run_counts)
-            record = {"step": step, "tokens": tokens, "loss": r.loss, "train": train, "lr": lr}
-            log_jsonl(out / "metrics.jsonl", {**record, "grad_norm": r.grad_norm, "tokens_per_s": tok_s})
+            record = {"step": step, "tokens": tokens, "loss": r.loss, "train": mdm.per_modality(run_sums, run_counts)}
+            log_jsonl(out / "metrics.jsonl", {**record, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tok_s})
             run_sums.zero_()
             run_counts.zero_()
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == plan.steps:
             val = validation(net, model, ema, data, cfg, d, {"step": step, "tokens": tokens})
-        if preempt.requested(d):
-            stopped_by = signal.Signals(preempt.received).name
+        stopped_by = signal.Signals(preempt.received).name if preempt.requested(d) else None
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop or stopped_by:
             run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world}
             if fsdp or d.main:
@@ -555,8 +516,6 @@ def main(argv: list[str] | None = None) -> dict:
             if fsdp:
                 dist.barrier()  # every shard is on disk before anyone reads the folder
             last_good = f"{ckpt_path} (step {step})"
-        if stopped_by:
-            break
     preempt.restore()
     bar.close()
 

@@ -2,9 +2,7 @@
 
 Formulas are checked against literal values and by property tests (identity at kappa = 1, exact
 composition, betas in (0, 1), the two forms of kappa, what each rule holds fixed per token). The
-rule itself is *shown* on the toy regression: loss-versus-tokens curves at
-B_base/4 and 4·B_base track the reference run with the rule and do not without it, and two wrong
-rules (SGD's linear lr scaling, an unscaled weight EMA) fail the same comparison.
+rule itself is shown on a toy regression by the lab's tests (lab/tests/test_sde_toy.py).
 """
 
 from __future__ import annotations
@@ -295,61 +293,8 @@ REF = Reference(batch=256, tokens=1e9, settings=BASE)
         (lambda: sb.plan(dataclasses.replace(REF, settings=OptimSettings(warmup_tokens=2e8)), 64, 1e8, 1024), "warmup"),
         (lambda: sb.lr_factor(-1.0, BASE, 1e8), "tokens_seen"),
         (lambda: sb.plan(REF, 64, 1e8, 1024).lr_for_step(-1), "step"),
-        (lambda: sb.toy_problem_curves(BASE, 0), "batch"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
-
-
-# ----------------------------------------------------------------------------------------------
-# The rule, shown: loss-versus-tokens curves on the toy regression
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def collapse() -> list[sb.Collapse]:
-    return sb.collapse_distances()  # reference batch 32; physical batches 8 and 128; EMA on
-
-
-@pytest.fixture(scope="module")
-def reference() -> sb.ToyCurves:
-    return sb.toy_problem_curves(sb.TOY_SETTINGS, sb.TOY_BATCH)
-
-
-def test_curves_collapse_with_the_rule_and_not_without(collapse: list[sb.Collapse]) -> None:
-    assert [c.batch for c in collapse] == [8, 128]
-    for c in collapse:
-        assert c.with_rule < 0.25 * c.without, c  # measured: 0.007 vs 0.13 (B=8), 0.031 vs 0.30 (B=128)
-        assert c.with_rule < 0.06, c  # the noise floor between two seeds of the reference is 0.011
-        assert c.ema_with_rule < 0.25 * c.ema_without, c  # the same for the EMA weights
-
-
-def test_sgd_linear_lr_rule_does_not_collapse_adam(reference: sb.ToyCurves, collapse: list[sb.Collapse]) -> None:
-    """Negative control: lr·kappa (SGD's rule) with everything else as the rule says is clearly worse."""
-    k = 4.0
-    linear = dataclasses.replace(sb.rescale(sb.TOY_SETTINGS, k), lr=sb.TOY_SETTINGS.lr * k)
-    d = sb.curve_distance(sb.toy_problem_curves(linear, 128), reference)
-    assert d > 2 * collapse[1].with_rule, (d, collapse[1])  # measured: 0.12 vs 0.031
-
-
-def test_unscaled_weight_ema_does_not_collapse(reference: sb.ToyCurves, collapse: list[sb.Collapse]) -> None:
-    """Negative control for rho^kappa: keep the reference EMA factor, rescale everything else."""
-    no_ema_rule = dataclasses.replace(sb.rescale(sb.TOY_SETTINGS, 4.0), ema=sb.TOY_SETTINGS.ema)
-    d = sb.curve_distance(sb.toy_problem_curves(no_ema_rule, 128), reference, ema=True)
-    assert d > 4 * collapse[1].ema_with_rule, (d, collapse[1])  # measured: 0.41 vs 0.021
-
-
-def test_toy_curves_are_deterministic_and_well_formed() -> None:
-    s = dataclasses.replace(sb.TOY_SETTINGS, warmup_tokens=64)
-    a = sb.toy_problem_curves(s, 16, 640, seeds=8)
-    b = sb.toy_problem_curves(s, 16, 640, seeds=8)
-    assert a.tokens.tolist() == [16 * (k + 1) for k in range(40)]
-    assert a.loss.equal(b.loss) and a.ema_loss is not None and a.ema_loss.equal(b.ema_loss)
-    assert sb.curve_distance(a, b) == 0.0
-    assert float(a.loss[-1]) < float(a.loss[0])  # it learns
-    c = sb.toy_problem_curves(dataclasses.replace(s, ema=None), 16, 640, seeds=8)
-    assert c.ema_loss is None
-    with pytest.raises(ValueError, match="without a weight EMA"):
-        sb.curve_distance(c, c, ema=True)

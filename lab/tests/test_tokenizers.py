@@ -83,11 +83,8 @@ def test_image_autoencoder_learns_a_little():
     assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)  # well below predicting the mean image
 
 
-
 def test_user_image_arrays_are_read_without_pickles(tmp_path):
     evil = tmp_path / "images.npz"
     np.savez(evil, images=np.array([object()], dtype=object))  # an object array is stored as a pickle
     with pytest.raises(ValueError, match="allow_pickle"):
         tokenizers.load_images(str(evil), 8)
-
-
