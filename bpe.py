@@ -1,13 +1,10 @@
 """Text tokens: a byte-level BPE trained here and run by ``tiktoken``.
 
-Byte-pair encoding (Sennrich et al. 2016; byte-level as in GPT-2) starts from the 256 byte values
-and repeatedly merges the most frequent adjacent pair of tokens into a new token, so frequent
-words become single tokens and any text (any bytes) still has an encoding. ``train_bpe`` learns the
-merges; ``TextTokenizer`` runs them with ``tiktoken`` (a fast Rust implementation) and saves them
-in tiktoken's file format, so a standard tiktoken encoding can replace ours at scale.
-
-``data.py`` tokenizes the corpora and captions with it; ``sample.py`` decodes generated text.
-Run ``python -m lab.tokenizers train-bpe --vocab 1024`` to write ``assets/text_bpe_1024.tiktoken``.
+Byte-pair encoding (Sennrich et al. 2016; byte-level as in GPT-2) starts from the 256 byte values and
+repeatedly merges the most frequent adjacent pair of tokens into a new token, so frequent words become single
+tokens and any text (any bytes) still has an encoding. ``train_bpe`` learns the merges; ``TextTokenizer`` runs
+them with ``tiktoken`` (a fast Rust implementation) and saves them in tiktoken's file format, so a standard
+tiktoken encoding can replace ours at scale. ``python -m lab.tokenizers train-bpe --vocab 1024`` trains one.
 """
 
 from __future__ import annotations
@@ -16,8 +13,11 @@ import base64
 import hashlib
 import heapq
 import itertools
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
+
+import regex
+import tiktoken
 
 # The GPT-4 (cl100k) pre-tokenization pattern: contractions, words with one leading non-letter,
 # numbers of up to 3 digits, punctuation runs, and whitespace. BPE merges never cross these pieces.
@@ -27,83 +27,68 @@ GPT4_PATTERN = (
 
 
 def train_bpe(text: str, vocab_size: int, pattern: str = GPT4_PATTERN) -> dict[bytes, int]:
-    """Learn byte-level BPE merge ranks: {token bytes: rank}, the 256 single bytes first.
+    """Learn byte-level BPE merge ranks {token bytes: rank} (the 256 single bytes first), incrementally:
 
-    The incremental algorithm (seconds for a megabyte, where recounting every pair after every merge
-    takes tens of minutes):
     1. split the text with ``pattern`` and count each *unique* piece once (a word list with counts);
     2. keep, for every adjacent pair of tokens, its total count and the set of words containing it;
     3. repeat: pop the most frequent pair from a max-heap (stale entries are skipped lazily), give the
        merged bytes the next rank, and update counts only in the words that contain that pair.
     Ties go to the lexicographically smallest pair of ranks, so training is deterministic.
     """
-    import regex
-
     if vocab_size < 256:
         raise ValueError(f"a byte-level BPE needs vocab_size >= 256, got {vocab_size}")
     if not pattern:
         raise ValueError("an empty pre-tokenization pattern would crash tiktoken; pass a real regex")
     pieces = Counter(regex.findall(pattern, text))
-    words = [list(p.encode("utf-8")) for p in pieces]
-    counts = list(pieces.values())
-    token_bytes = [bytes([i]) for i in range(256)]
+    words, counts = [list(p.encode("utf-8")) for p in pieces], list(pieces.values())
+    ranks = {bytes([i]): i for i in range(256)}
+    token_bytes = list(ranks)  # token_bytes[rank]: the inverse of ranks
     pair_count: Counter[tuple[int, int]] = Counter()
-    pair_words: dict[tuple[int, int], set[int]] = {}
+    pair_words: defaultdict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> the words that contain it
     for w, (word, n) in enumerate(zip(words, counts, strict=True)):
         for pair in itertools.pairwise(word):
             pair_count[pair] += n
-            pair_words.setdefault(pair, set()).add(w)
-    heap = [(-n, pair) for pair, n in pair_count.items()]
-    heapq.heapify(heap)
-    known = set(token_bytes)
+            pair_words[pair].add(w)
+    heap = sorted((-n, pair) for pair, n in pair_count.items())  # a sorted list is a valid min-heap
     while len(token_bytes) < vocab_size and heap:
         neg, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -neg or -neg <= 0:
+        if pair_count[pair] != -neg:
             continue  # stale heap entry: the count changed since it was pushed
         merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-        if merged in known:  # the same bytes reached by another merge order: no new token
+        if merged in ranks:  # the same bytes reached by another merge order: no new token
             del pair_count[pair]
             continue
-        new_id = len(token_bytes)
+        ranks[merged] = new_id = len(token_bytes)
         token_bytes.append(merged)
-        known.add(merged)
         changed: Counter[tuple[int, int]] = Counter()
         for w in pair_words.pop(pair, ()):
             word, n = words[w], counts[w]
             for old in itertools.pairwise(word):
                 changed[old] -= n
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                    out.append(new_id)
-                    i += 2
+            out: list[int] = []  # the word with every occurrence of pair merged, left to right
+            for t in word:
+                if out and (out[-1], t) == pair:  # a merged out[-1] (new_id) never matches pair
+                    out[-1] = new_id
                 else:
-                    out.append(word[i])
-                    i += 1
+                    out.append(t)
             words[w] = out
             for new in itertools.pairwise(out):
                 changed[new] += n
-                pair_words.setdefault(new, set()).add(w)
+                pair_words[new].add(w)
+        pair_count.update(changed)  # adds the deltas, negative ones included
         for p, delta in changed.items():
-            if delta:
-                pair_count[p] += delta
-                if pair_count[p] > 0:
-                    heapq.heappush(heap, (-pair_count[p], p))
-        pair_count.pop(pair, None)
-    return {b: i for i, b in enumerate(token_bytes)}
+            if delta and pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+    return ranks
 
 
 class TextTokenizer:
-    """Byte-level BPE through ``tiktoken.Encoding``: encode, decode, vocab_size, save/load.
-
-    Saved in tiktoken's own file format (one ``base64(token) rank`` line per token) plus a sha256 of
-    that file, which ``load`` checks. We parse the file ourselves: ``tiktoken.load.load_tiktoken_bpe``
-    caches local files by path and can return a stale copy after the file is rewritten.
+    """Byte-level BPE through ``tiktoken.Encoding``, saved in tiktoken's file format (``to_text``) plus a sha256
+    of that file, which ``load`` checks. We parse the file ourselves: ``tiktoken.load.load_tiktoken_bpe`` caches
+    local files by path and can return a stale copy after the file is rewritten.
     """
 
     def __init__(self, ranks: dict[bytes, int], pattern: str = GPT4_PATTERN, name: str = "trimodal-bpe") -> None:
-        import tiktoken
-
         if not pattern:
             raise ValueError("an empty pre-tokenization pattern crashes tiktoken; pass a real regex")
         if sorted(ranks.values()) != list(range(len(ranks))):
@@ -151,31 +136,24 @@ class TextTokenizer:
     @classmethod
     def load(cls, path: str | Path, expected_sha256: str | None = None) -> TextTokenizer:
         """Read a tiktoken-format rank file, checking its sha256 (given, or from ``path.sha256``)."""
-        path = Path(path)
+        path, sha_file = Path(path), Path(f"{path}.sha256")
         if not path.is_file():
             raise FileNotFoundError(f"no BPE rank file at {path}; train one with `python -m lab.tokenizers train-bpe`")
         blob = path.read_bytes()
-        sha_file = Path(f"{path}.sha256")
         expected = expected_sha256 or (sha_file.read_text().strip() if sha_file.is_file() else None)
-        digest = hashlib.sha256(blob).hexdigest()
-        if expected is not None and digest != expected:
+        if expected is not None and (digest := hashlib.sha256(blob).hexdigest()) != expected:
             raise ValueError(
                 f"{path}: sha256 {digest} does not match the expected {expected}; the file is corrupt or stale"
             )
-        try:
-            text = blob.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a tiktoken rank file (not ASCII)") from None
-        return cls.from_text(text, str(path))
+        if not blob.isascii():
+            raise ValueError(f"{path}: not a tiktoken rank file (not ASCII)")
+        return cls.from_text(blob.decode("ascii"), str(path))
 
     @classmethod
     def from_tiktoken_name(cls, name: str) -> TextTokenizer:
-        """A standard tiktoken encoding (e.g. 'r50k_base', 'cl100k_base') for large configs.
-
-        tiktoken fetches these rank files on first use; offline it only finds them in its cache.
+        """A standard tiktoken encoding (e.g. 'r50k_base', 'cl100k_base') for large configs; tiktoken fetches
+        its rank file on first use, and offline it only finds the file in its cache (the error says how to seed it).
         """
-        import tiktoken
-
         try:
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # tiktoken raises requests/urllib errors offline
@@ -185,6 +163,6 @@ class TextTokenizer:
                 "sha1(<its URL in tiktoken_ext/openai_public.py>).hexdigest() (for r50k_base the file is "
                 "whisper/assets/gpt2.tiktoken in the openai-whisper sdist), or pass a local .tiktoken file instead."
             ) from e
-        tok = cls.__new__(cls)
+        tok = cls.__new__(cls)  # tiktoken's own Encoding, its special tokens included
         tok.ranks, tok.pattern, tok.encoding = enc._mergeable_ranks, enc._pat_str, enc
         return tok

@@ -1,8 +1,7 @@
 """Data: the embedded tri-modal world, your own files, and the rows the model trains on.
 
-Everything here turns text, images and audio into rows of global token ids over ``mdm.Vocab`` and hands
-``train.py`` one batch per step. The tokenizers live in ``bpe.py`` (text; ``python -m lab.tokenizers train-bpe``
-retrains the default) and ``fsq.py`` (images and audio).
+Turns text, images and audio into rows of global token ids over ``mdm.Vocab``, one batch per step for ``train.py``.
+Tokenizers: ``bpe.py`` (text; ``python -m lab.tokenizers train-bpe`` retrains the default), ``fsq.py`` (images, audio).
 
 1. The embedded default data, nothing downloaded: CPython's pydoc topics (text), scikit-learn's handwritten digits
    with caption templates (image-text), spoken digits synthesized with flite (audio-text, in ``assets/``).
@@ -34,7 +33,6 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # --- 1. The embedded default data -----------------------------------------------------------------
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-# Captions of the digit images: each names exactly one digit (word or numeral), so an i2t caption is judged by it.
 CAPTION_TEMPLATES = (
     "a handwritten {word}",
     "the digit {d}",
@@ -50,7 +48,7 @@ CAPTION_TEMPLATES = (
 
 
 def digit_captions(d: int) -> list[str]:
-    """Every caption of digit d."""
+    """Every caption of digit d; each names exactly one digit (word or numeral), so an i2t caption is judged by it."""
     return [t.format(word=DIGIT_WORDS[d], d=d) for t in CAPTION_TEMPLATES]
 
 
@@ -101,14 +99,12 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 class MuLaw:
-    """8-bit mu-law companding: the exact, training-free audio code (256 values per sample).
+    """8-bit mu-law companding: the exact, training-free audio code (256 values per sample) of the committed clips.
 
         y = sign(x) ln(1 + mu |x|) / ln(1 + mu),   code = round((y + 1)/2 (2^bits - 1))
 
-    Decoding inverts both steps; the error is at most half a quantization step in y, i.e.
-    |dx| <= (1/(2^bits - 1)) ln(1 + mu) (1 + mu |x|) / mu to first order. At 8000 codes per second
-    it is far too long a sequence for the tiny model; the committed clips are stored this way.
-    """
+    Decoding inverts both steps; the error is at most half a quantization step in y, i.e. |dx| <= (1/(2^bits - 1))
+    ln(1 + mu) (1 + mu |x|) / mu to first order. At 8000 codes per second a clip is far too long for the tiny model."""
 
     def __init__(self, bits: int = 8) -> None:
         self.levels = 2**bits
@@ -145,8 +141,7 @@ def spoken_digits(path: Path = ASSETS / "spoken_digits.npz") -> tuple[list[np.nd
 def split_indices(n: int, seed: int = 0, fractions: tuple[float, float] = (0.8, 0.1)) -> dict[str, np.ndarray]:
     """A fixed seeded split of range(n) into train / val / test (the rest)."""
     perm = np.random.default_rng(seed).permutation(n)
-    a = round(fractions[0] * n)
-    b = a + round(fractions[1] * n)
+    a, b = np.cumsum([round(f * n) for f in fractions])
     return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
 
 
@@ -247,9 +242,8 @@ def read_image_folder(folder: str | Path, strict: bool = False) -> tuple[list[np
 
 
 def read_audio_folder(folder: str | Path, sample_rate: int, strict: bool = False) -> tuple[list[np.ndarray], list[str]]:
-    """Clips and transcripts from a folder of .wav/.flac files, resampled to ``sample_rate``. Transcripts come from a
-    transcripts.jsonl ({"audio": file, "text": ...}) or, LibriSpeech style, from ``*.trans.txt`` files whose lines
-    read "<file stem> <transcript>"."""
+    """Clips (.wav/.flac, resampled to ``sample_rate``) and transcripts from a folder with a transcripts.jsonl
+    ({"audio": file, "text": ...}) or, LibriSpeech style, ``*.trans.txt`` files of lines "<file stem> <transcript>"."""
     import soundfile as sf
 
     folder = Path(folder)
@@ -294,10 +288,9 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
 
 def speed_perturb(wave: np.ndarray, factor: float, sample_rate: int) -> np.ndarray:
-    """The clip played ``factor`` times faster: duration / factor, every frequency (pitch) x factor. This is speed
-    perturbation (Ko et al., Interspeech 2015), the standard augmentation of speech recognition: read the samples as
-    if recorded at factor x sample_rate and resample to sample_rate. Each factor gives every training clip a new
-    (speaking rate, pitch) condition."""
+    """The clip ``factor`` times faster (duration / factor, every frequency x factor): its samples read as if recorded
+    at factor x sample_rate, resampled to sample_rate. Speed perturbation (Ko et al., Interspeech 2015), the standard
+    augmentation of speech recognition: each factor gives every training clip a new (speaking rate, pitch) condition."""
     if not 0.5 <= factor <= 2.0:
         raise ValueError(f"speed factors must lie in [0.5, 2.0], got {factor}")
     return resample(wave, round(sample_rate * factor), sample_rate)
@@ -319,11 +312,9 @@ class Layout:
     sits at fixed positions and any subset of segments can condition the rest.
 
     Padding: inside a pair the PAD_text after EOS_text is *data*, masked and predicted like any token: the model
-    learns how long a caption is, and captioning or speech recognition can generate text of any length up to the
-    slot (``sample.py``'s rule: once EOS_text is revealed, the positions after it are PAD_text). Only the unfilled
-    tail of a text row (a corpus shorter than one row) is padding in the sense of ``mdm``: never masked, not counted
-    in N(x).
-    """
+    learns how long a caption is, and captioning or speech recognition can generate text of any length up to the slot
+    (``sample.py``'s rule: once EOS_text is revealed, the positions after it are PAD_text). Only the unfilled tail of a
+    text row (a corpus shorter than one row) is padding in the sense of ``mdm``: never masked, not counted in N(x)."""
 
     vocab: Vocab
     seq_len: int
@@ -332,7 +323,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         for task in MEDIA:
-            if self.text_slot(task).stop - self.text_slot(task).start < 2:
+            if self.text_capacity(task) < 1:
                 raise ValueError(f"seq_len {self.seq_len} leaves no room for text in a {task} row")
 
     def media_len(self, task: str) -> int:
@@ -363,10 +354,9 @@ class Layout:
         row = torch.full((self.seq_len,), v.pad, dtype=torch.long)
         row[0], row[1] = v.task(task), v.bos(m)
         row[self.media_slot(task)] = v.to_global(media, m)
-        s = self.text_slot(task)
-        row[s.start - 2], row[s.start - 1] = v.eos(m), v.bos("text")
-        row[s.start : s.start + len(text)] = v.to_global(text, "text")
-        row[s.start + len(text)] = v.eos("text")
+        s = self.text_slot(task).start
+        row[s - 2], row[s - 1], row[s + len(text)] = v.eos(m), v.bos("text"), v.eos("text")
+        row[s : s + len(text)] = v.to_global(text, "text")
         return row
 
     def text_stream(self, docs: list[list[int]]) -> Tensor:
@@ -471,8 +461,7 @@ def load_text_tokenizer(cfg: DataConfig) -> TextTokenizer:
         return TextTokenizer.from_tiktoken_name(cfg.text_tokenizer.split(":", 1)[1])
     if cfg.text_tokenizer != "default":
         return TextTokenizer.load(cfg.text_tokenizer)
-    path = ASSETS / f"text_bpe_{cfg.text_vocab}.tiktoken"
-    if path.is_file():
+    if (path := ASSETS / f"text_bpe_{cfg.text_vocab}.tiktoken").is_file():
         return TextTokenizer.load(path)
     return TextTokenizer(train_bpe(default_bpe_corpus(cfg.split_seed), cfg.text_vocab))
 
@@ -504,8 +493,7 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     vocab = Vocab(text=tok.vocab_size, audio=codec.vocab_size, image=pixels.vocab_size)
     layout = Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
 
-    # text: chunks of documents, split by a seeded permutation, packed into one stream per split
-    docs = pydoc_corpus() if cfg.default_text else []
+    docs = pydoc_corpus() if cfg.default_text else []  # text: chunks of documents, split, packed into one stream each
     docs += read_text_files(list(cfg.text_files), cfg.strict) if cfg.text_files else []
     if not docs:
         raise ValueError("no text: keep the default corpus or pass text files")
@@ -513,8 +501,7 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     idx = split_indices(len(chunks), cfg.split_seed)
     text = {s: layout.text_stream([tok.encode(chunks[i]) for i in idx[s]]) for s in idx}
 
-    # image-text: digits with every caption template, or a user folder
-    if not cfg.image_dir:
+    if not cfg.image_dir:  # image-text: the digits with every caption template, or a user folder
         images, labels = digits_images()
         captions = [digit_captions(int(y)) for y in labels]
     else:
@@ -525,10 +512,9 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     limit = layout.text_capacity("image_text")
     image_caps = [tokenize_captions(tok, c, limit, cfg.image_dir or "digit captions") for c in captions]
     image_media = torch.from_numpy(np.stack([pixels.encode(im) for im in images]))
-    image_split = split_indices(len(image_media), cfg.split_seed)
+    image_pairs = pair_splits(image_media, image_caps, labels, list(images), split_indices(len(images), cfg.split_seed))
 
-    # audio-text: the committed spoken digits, or a user folder
-    if not cfg.audio_dir:
+    if not cfg.audio_dir:  # audio-text: the committed spoken digits, or a user folder
         waves, meta = spoken_digits()
         clips = [resample(w, int(meta["sample_rate"]), codec.sample_rate) for w in waves]
         transcripts = [str(t) for t in meta["transcripts"]]
@@ -540,14 +526,12 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     audio_labels = np.array([-1 if (d := digit_named_in(t)) is None else d for t in transcripts])
     limit = layout.text_capacity("audio_text")
     audio_caps = [tokenize_captions(tok, [t], limit, cfg.audio_dir or "spoken digits") for t in transcripts]
-    pairs = {
-        "image_text": pair_splits(image_media, image_caps, labels, list(images), image_split),
-        "audio_text": pair_splits(encode_clips(codec, clips), audio_caps, audio_labels, clips, audio_split),
-    }
-    train = pairs["audio_text"]["train"]  # only the training clips get speed-perturbed copies
+    audio_pairs = pair_splits(encode_clips(codec, clips), audio_caps, audio_labels, clips, audio_split)
+    train = audio_pairs["train"]  # only the training clips get speed-perturbed copies
     if cfg.audio_speeds and len(train):
         copies = [[speed_perturb(w, f, codec.sample_rate) for w in train.raw] for f in cfg.audio_speeds]
         train.variants = torch.stack([encode_clips(codec, c) for c in copies], 1)  # (N, K, M)
+    pairs = {"image_text": image_pairs, "audio_text": audio_pairs}
     return TriModalData(layout, tok, pixels, codec, text, pairs, cfg)
 
 
@@ -569,21 +553,18 @@ class Batch:
 class BatchIterator:
     """Seeded, resumable batches: the tasks mixed by ratio, and each pair row's role.
 
-    The batch of step k is a pure function of (seed, k): a generator seeded with both draws how many rows each task
-    gets (``counts``), then for each row a text window or a pair example, one of its captions, and the row's role. So
-    resuming needs only the step counter (``state_dict``), and every process builds the same batch and keeps its own
-    rows, exactly the rows of a one-process run.
+    The batch of step k is a pure function of (seed, k): a generator seeded with both draws the rows per task
+    (``counts``), then per row a text window or a pair example, caption and role. Resuming needs only the step counter
+    (``state_dict``); every process builds the same batch and keeps its own rows, exactly those of a one-process run.
 
     Roles of a pair row, independently: with probability ``cond_keep`` *conditional*, one segment given clean, the
     media with probability ``cond_media`` (captioning, speech recognition) and otherwise the text (text-to-image,
     text-to-speech); with probability ``cond_drop`` *unconditional*, one segment hidden, either with probability 1/2
     (the branch that classifier-free guidance contrasts with); otherwise *joint*, both segments under the forward
-    process. The media segment is its tokens between BOS_m and EOS_m; the text segment is everything after BOS_text
-    (caption, EOS_text, PAD_text), so a hidden caption does not reveal its length either. These are exactly the
-    segments the samplers condition on, and mask for guidance. A row given a clip that has speed-perturbed copies
-    (``PairData.variants``) hears the original or one of its K copies, each with probability 1/(K + 1); rows that
-    must generate audio hear only real clips.
-    """
+    process. The segments are ``Layout.media_slot`` and ``Layout.text_slot`` (all after BOS_text: caption, EOS_text,
+    PAD_text, so a hidden caption does not reveal its length either), exactly those the samplers condition on and mask
+    for guidance. A row given a clip with speed-perturbed copies (``PairData.variants``) hears the original or one of
+    its K copies, each with probability 1/(K + 1); rows that must generate audio hear only real clips."""
 
     def __init__(
         self,

@@ -1,9 +1,8 @@
 """Evaluation: how good are a trained model's likelihoods and generations?
 
-1. Judges: small offline models, trained or configured from data in the repository, never downloaded.
-   ``SpeechJudge`` (pocketsphinx, whose English model ships in its wheel, held by a JSGF grammar to
-   the ten digit words) judges text-to-speech; ``DigitImageJudge`` (an MLP on scikit-learn's 8x8
-   digits) judges text-to-image.
+1. Judges, small offline models trained or configured from the repository's data, never downloaded:
+   ``SpeechJudge`` (pocketsphinx, whose English model ships in its wheel, held by a JSGF grammar to the ten
+   digit words) for text-to-speech; ``DigitImageJudge`` (an MLP on scikit-learn's 8x8 digits) for text-to-image.
 2. Likelihood: the NELBO per modality in bits (``mdm.nelbo``) on held-out rows, with a standard error.
 3. Generation: every cross-modal task judged (``text_to_image``, ``media_to_text``, ``text_to_speech``)
    and unconditional text judged by the autoregressive twin (``text_sample_quality``).
@@ -36,10 +35,9 @@ from model import Denoiser
 class SpeechJudge:
     """Offline digit recognition with pocketsphinx and a one-word JSGF grammar.
 
-    ``recognize(wave, sample_rate)`` returns the recognized word ("" when the decoder finds none).
-    The waveform is resampled to 16 kHz (the rate of pocketsphinx's en-us model), peak-normalized,
-    and padded with ``pad_seconds`` of silence on both sides (the decoder needs some silence to
-    find the word boundaries).
+    ``recognize(wave, sample_rate)`` returns the recognized word ("" when the decoder finds none). The wave is
+    resampled to 16 kHz (the rate of pocketsphinx's en-us model), peak-normalized, and padded with ``pad_seconds``
+    of silence on both sides (the decoder needs some silence to find the word boundaries).
 
     Trap: ``pocketsphinx.Decoder(jsgf=<grammar text>)`` segfaults; the grammar is added with
     ``add_jsgf_string`` and switched on with ``activate_search``.
@@ -84,13 +82,11 @@ class SpeechJudge:
 
 
 class DigitImageJudge:
-    """A digit classifier (an MLP with one hidden layer of ``hidden`` ReLU units) for 8x8 images with
-    gray levels 0..16, as in scikit-learn's digits: (N, 8, 8) or (N, 64), integers or floats in [0, 16].
-    """
+    """A digit classifier (an MLP with one hidden layer of ``hidden`` ReLU units) for 8x8 images with gray
+    levels 0..16 as in scikit-learn's digits: (N, 8, 8) or (N, 64), integers or floats in [0, 16]."""
 
     def __init__(self, hidden: int = 64, seed: int = 0) -> None:
-        self.hidden, self.seed = hidden, seed
-        self.model = None
+        self.hidden, self.seed, self.model = hidden, seed, None
 
     @staticmethod
     def _flat(images: np.ndarray) -> np.ndarray:
@@ -147,10 +143,9 @@ def nelbo_bits(
 
         mean = sum_b S_b / sum_b N_b,        se = std_b(S_b / N_b) / sqrt(B)
 
-    The variance is low by construction: t is stratified over each batch (one t per stratum of
-    [t_min, 1 - t_min]). The causal twin (``model.cfg.causal``) scores the same rows exactly by
-    next-token NLL. For text rows, "bytes" is bits per UTF-8 byte of the text the rows hold (what
-    compares across tokenizers).
+    The variance is low by construction: t is stratified over each batch (one t per stratum of [t_min, 1 - t_min]).
+    The causal twin (``model.cfg.causal``) scores the same rows exactly by next-token NLL. For text rows, "bytes"
+    is bits per UTF-8 byte of the text the rows hold (what compares across tokenizers).
     """
     it = data_lib.BatchIterator(data, split, batch_size, {task: 1.0}, seed=seed)
     sched = mdm.Schedule.parse(schedule)
@@ -194,9 +189,7 @@ def _text_bytes(ids: torch.Tensor, vocab: mdm.Vocab, tok: data_lib.TextTokenizer
 
 def likelihood_report(model: Denoiser, data: data_lib.TriModalData, split: str = "test", batches: int = 16) -> dict:
     """NELBO (or the twin's NLL) in bits: text rows (per token and per byte), and each pair's parts."""
-    text = nelbo_bits(model, data, "text", split, batches)
-    image = nelbo_bits(model, data, "image_text", split, batches)
-    audio = nelbo_bits(model, data, "audio_text", split, batches)
+    text, image, audio = (nelbo_bits(model, data, t, split, batches) for t in ("text", "image_text", "audio_text"))
     return {
         "text_bits_per_token": text["text"],
         "text_bits_per_byte": text["bytes"],
@@ -241,12 +234,13 @@ def ceilings(data: data_lib.TriModalData, judges: Judges, split: str = "test") -
 
 def digit_prompts(per_digit: int, transcripts: bool = False) -> tuple[list[str], np.ndarray]:
     """Prompts naming each digit ``per_digit`` times: the caption templates in turn, or the bare word."""
-    prompts, labels = [], []
-    for d in range(10):
-        for j in range(per_digit):
-            prompts.append(DIGIT_WORDS[d] if transcripts else data_lib.digit_captions(d)[j % 10])
-            labels.append(d)
-    return prompts, np.array(labels)
+    pairs = [(d, j) for d in range(10) for j in range(per_digit)]
+    prompts = [DIGIT_WORDS[d] if transcripts else data_lib.digit_captions(d)[j % 10] for d, j in pairs]
+    return prompts, np.array([d for d, _ in pairs])
+
+
+def _cost(s: sample_lib.Sample) -> dict:
+    return {"nfe": s.nfe, "seconds_per_sample": s.seconds_per_sample}
 
 
 def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) -> dict:
@@ -255,13 +249,7 @@ def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) 
     texts = [inf.text_tokenizer.encode(p) for p in prompts]
     _, s = sample_lib.generate(inf.model, inf.layout, "t2i", cfg, texts=texts, seed=seed)
     images = np.stack([inf.image_tokenizer.decode(sample_lib.decode_media(r, inf.layout, "t2i")) for r in s.ids])
-    return {
-        "accuracy": judges.image.accuracy(images, labels),
-        "nfe": s.nfe,
-        "seconds_per_sample": s.seconds_per_sample,
-        "images": images,
-        "prompts": prompts,
-    }
+    return {"accuracy": judges.image.accuracy(images, labels), **_cost(s), "images": images, "prompts": prompts}
 
 
 def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, limit: int | None = None) -> dict:
@@ -270,14 +258,8 @@ def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, 
     _, s = sample_lib.generate(inf.model, inf.layout, task, cfg, media=[pairs.media[i] for i in range(n)], seed=seed)
     texts = [sample_lib.decode_text(r, inf.layout, task, inf.text_tokenizer) for r in s.ids]
     labels = pairs.labels[:n].tolist()
-    named = [data_lib.digit_named_in(t) for t in texts]
-    return {
-        "accuracy": float(np.mean([a == b for a, b in zip(named, labels, strict=True)])),
-        "nfe": s.nfe,
-        "seconds_per_sample": s.seconds_per_sample,
-        "texts": texts,
-        "labels": labels,
-    }
+    accuracy = float(np.mean([data_lib.digit_named_in(t) == y for t, y in zip(texts, labels, strict=True)]))
+    return {"accuracy": accuracy, **_cost(s), "texts": texts, "labels": labels}
 
 
 def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0, speech_judge: bool = True) -> dict:
@@ -287,7 +269,7 @@ def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0,
     _, s = sample_lib.generate(inf.model, inf.layout, "t2s", cfg, texts=texts, seed=seed)
     ids = np.stack([sample_lib.decode_media(r, inf.layout, "t2s") for r in s.ids])
     waves = list(inf.audio_codec.decode_batch(ids))
-    out = {"nfe": s.nfe, "seconds_per_sample": s.seconds_per_sample, "waves": waves, "prompts": prompts}
+    out = {**_cost(s), "waves": waves, "prompts": prompts}
     if speech_judge:
         out["accuracy"] = judges.speech.accuracy(waves, labels.tolist(), judges.sample_rate)
     return out
@@ -303,9 +285,9 @@ def text_sample_quality(
         ar_bits_per_token    = -1/N sum_i log2 p_AR(x_i | x_<i)   over the samples' N text tokens
         unigram_entropy_bits = -sum_v p_v log2 p_v                 p: the samples' pooled token histogram
 
-    The first is the "generative perplexity" of MDLM and others, in bits: how natural the text looks
-    to an independent model trained on the same data. Low is better only together with the second: a
-    sampler that repeats one word scores a low NLL and a low entropy. Compare both with real held-out text.
+    The first is the "generative perplexity" of MDLM and others, in bits: how natural the text looks to an
+    independent model trained on the same data. Low is better only together with the second: a sampler that
+    repeats one word scores a low NLL and a low entropy. Compare both with real held-out text.
     """
     pad = torch.zeros_like(rows, dtype=torch.bool) if pad is None else pad
     start = vocab.block_start("text")
@@ -325,11 +307,9 @@ def text_sample_quality(
 
 
 def _plot_spectrograms(path: Path, waves: list[np.ndarray], labels: list[str], sample_rate: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch
 
     fig = Figure(figsize=(2.0 * len(waves), 2.2))
-    FigureCanvasAgg(fig)
     for i, (w, label) in enumerate(zip(waves, labels, strict=True)):
         ax = fig.add_subplot(1, len(waves), i + 1)
         ax.specgram(np.asarray(w, dtype=np.float64) + 1e-9, NFFT=256, Fs=sample_rate, noverlap=192, cmap="magma")
@@ -448,7 +428,6 @@ def final_report(checkpoint: str | Path, out: str | Path) -> dict:
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
     """Training loss and validation NELBO per modality (bits per token) against tokens seen."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state, no backend switch
     from matplotlib.figure import Figure
 
     train, val = [], []
@@ -456,7 +435,6 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
         r = json.loads(line)
         (val if "val" in r else train).append(r)
     fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if train:
         ax.plot([r["tokens"] for r in train], [r["loss"] / LN2 for r in train], lw=0.8, alpha=0.6, label="train (all)")

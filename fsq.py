@@ -1,20 +1,18 @@
 """Media tokens: how an image or a sound becomes a short sequence of integers.
 
-``data.py`` turns every modality into tokens of one shared vocabulary (``mdm.Vocab``); text uses the BPE
-of ``bpe.py``. This file holds the media tokenizers, from the simplest to the learned ones:
+``data.py`` puts these tokens and the BPE text tokens of ``bpe.py`` into one vocabulary (``mdm.Vocab``). The media
+tokenizers, from the simplest to the learned ones:
 
 1. ``PixelTokenizer``    gray-level patches as tokens: the default for the 8x8 digits (no training).
-2. ``FSQ``               finite scalar quantization (Mentzer et al., 2023): round each of a few bounded
-                         latent channels to a handful of levels; the tuple of levels is the token. No
-                         codebook, no commitment loss, every code usable.
-3. ``AudioCodec``        log-magnitude STFT frames -> 1-D conv encoder -> FSQ -> ~31 tokens per second
-                         -> 1-D conv decoder -> magnitudes -> Griffin-Lim -> waveform, on clips padded or
-                         cropped to the fixed length the sequence layout needs (``tokens_per_clip`` tokens).
+2. ``FSQ``               finite scalar quantization (Mentzer et al., 2023): round each of a few bounded latent
+                         channels to a handful of levels; the tuple of levels is the token. No codebook, no
+                         commitment loss, every code usable.
+3. ``AudioCodec``        STFT frames -> conv encoder -> FSQ, and back by a conv decoder and Griffin-Lim: ~31 tokens
+                         per second, ``tokens_per_clip`` for a clip cut to the fixed length the sequence layout needs;
+                         ``assets/audio_codec.pt`` was trained on ``assets/spoken_digits.npz`` by ``lab/tokenizers.py``.
 4. ``ImageAutoencoder``  a conv autoencoder with FSQ for larger or colour images (28x28 -> 49 tokens).
-5. Loading: ``load_audio_codec`` and ``load_image_tokenizer`` read this project's checkpoints (tensors
-   only, never code), checking the sha256 a run recorded for them.
-
-The committed ``assets/audio_codec.pt`` was trained on ``assets/spoken_digits.npz`` by ``python -m lab.tokenizers``.
+5. Loading: ``load_audio_codec`` and ``load_image_tokenizer`` read this project's checkpoints (tensors only, never
+   code), checking the sha256 a run recorded for them.
 """
 
 from __future__ import annotations
@@ -41,15 +39,13 @@ FORMAT_IMAGE = "trimodal-mdm/image-autoencoder/v1"
 class PixelTokenizer:
     """Gray-level patches as tokens: small grayscale images without any training.
 
-    An image of side x side pixels with integer gray levels 0 .. in_levels-1 is quantized to ``levels``
-    gray levels, q = round(x (levels-1)/(in_levels-1)), and cut into (side/patch)^2 patches of patch x patch
-    pixels; a patch is one token, its levels read as a number in base ``levels`` (row-major):
-    id = sum_j q_j levels^j. Vocabulary: levels^(patch^2) ids.
+    An image of side x side pixels with integer gray levels 0 .. in_levels-1 is quantized to ``levels`` gray levels,
+    q = round(x (levels-1)/(in_levels-1)), and cut into (side/patch)^2 patches of patch x patch pixels; a patch is
+    one token, its levels read as a number in base ``levels`` (row-major): id = sum_j q_j levels^j < levels^(patch^2).
 
     * ``PixelTokenizer(levels=17, patch=1)``: one token per pixel, lossless for the 8x8 digits.
-    * The default ``PixelTokenizer(levels=4, patch=2)``: 16 tokens of 256 values per digit. Four gray
-      levels keep the digits recognizable, and four times fewer image tokens make every image-text row
-      shorter and each token more telling, which lets the tiny model learn the image-text tasks on a CPU.
+    * The default ``PixelTokenizer(levels=4, patch=2)``: 16 tokens of 256 values per digit. Four gray levels keep the
+      digits recognizable, and four times fewer, more telling tokens let the tiny model learn image-text tasks on a CPU.
     """
 
     def __init__(self, levels: int = 4, patch: int = 2, side: int = 8, in_levels: int = 17) -> None:
@@ -90,10 +86,8 @@ class PixelTokenizer:
         return self._levels(np.arange(self.vocab_size)).astype(np.float32)
 
     def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
-        """Any grayscale/colour image (H, W[, C]) in [0, 255] -> side x side levels 0 .. in_levels-1.
-
-        Resized by area averaging (PIL); bright = ink as in the digits data, so a bright image is inverted.
-        """
+        """Any grayscale/colour image (H, W[, C]) in [0, 255] -> side x side levels 0 .. in_levels-1, resized by
+        area averaging (PIL); bright = ink as in the digits data, so a bright image is inverted."""
         from PIL import Image
 
         img = Image.fromarray(np.asarray(image).astype(np.uint8)).convert("L").resize((self.side, self.side), Image.BOX)
@@ -109,8 +103,8 @@ class PixelTokenizer:
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple", 2023).
 
-    A latent z in R^d (d = len(levels), the last dimension of every tensor here) is squashed channel by
-    channel into a bounded interval and rounded to L_j levels:
+    A latent z in R^d (d = len(levels), the last dimension of every tensor here) is squashed channel by channel
+    into a bounded interval and rounded to L_j levels:
 
         h_j   = (L_j - 1)(1 - eps)/2,   o_j = 0.5 if L_j is even else 0,   s_j = tan(o_j / h_j)
         b_j   = h_j tanh(z_j + s_j) - o_j                   (bounded: round(b_j) takes L_j values)
@@ -118,10 +112,9 @@ class FSQ(nn.Module):
 
     (s_j shifts even-L channels so that b_j spans L_j integers, with tan as in the paper's reference code:
     ~ atanh(o_j/h_j) for large L_j, and finite for L_j = 2 where atanh(o_j/h_j) is not.)
-    round_ste(x) = x + stopgrad(round(x) - x) is rounding in the forward pass and the identity in the backward
-    pass (the straight-through estimator), so the encoder gets the gradient of the decoder loss as if there
-    were no quantizer. The implicit codebook is the grid prod_j {L_j levels}: its size is prod_j L_j
-    (e.g. (7, 5, 5, 5) -> 875) and a code's index is its mixed-radix number
+    round_ste(x) = x + stopgrad(round(x) - x) rounds in the forward pass and is the identity in the backward pass
+    (the straight-through estimator): the encoder gets the decoder loss's gradient as if there were no quantizer.
+    The implicit codebook is the grid prod_j {L_j levels}, of size prod_j L_j ((7, 5, 5, 5) -> 875); mixed-radix index:
 
         index = sum_j digit_j * prod_{k<j} L_k,   digit_j = q_j floor(L_j/2) + floor(L_j/2) in [0, L_j).
     """
@@ -180,10 +173,9 @@ def check_indices(ids: Tensor, vocab_size: int, what: str, length: int = 0) -> N
 class AudioCodecConfig:
     """Shape of the audio codec. Frames: hop samples apart, n_fft long (Hann window, 75% overlap).
 
-    n_frames = n_samples / hop; tokens per second = sample_rate / (hop * frames_per_token), by default
-    12000 / (96 * 4) = 31.25. clip_seconds * sample_rate must be a multiple of hop * frames_per_token, so a
-    clip is exactly tokens_per_clip tokens (default 1.024 s -> 32 tokens, longer than any spoken digit clip).
-    """
+    n_frames = n_samples / hop; tokens per second = sample_rate / (hop * frames_per_token), 12000 / (96 * 4) = 31.25
+    by default. clip_seconds * sample_rate must be a multiple of hop * frames_per_token, so a clip is exactly
+    tokens_per_clip tokens (default 1.024 s -> 32 tokens, longer than any spoken digit clip)."""
 
     sample_rate: int = 12000
     clip_seconds: float = 1.024
@@ -234,7 +226,7 @@ def audio_encoder(cfg: AudioCodecConfig) -> nn.Sequential:
     c = cfg.channels
     layers: list[nn.Module] = [nn.Conv1d(cfg.n_bins, c, 3, padding=1)]
     for i in range(int(math.log2(cfg.frames_per_token))):
-        layers += [ResBlock1d(c, dilation=2 if i % 2 else 1), nn.GELU(), nn.Conv1d(c, c, 4, stride=2, padding=1)]
+        layers += [ResBlock1d(c, dilation=1 + i % 2), nn.GELU(), nn.Conv1d(c, c, 4, stride=2, padding=1)]
     layers += [ResBlock1d(c, dilation=d) for d in (1, 2, 4)[: cfg.res_blocks]]
     layers += [nn.GELU(), nn.Conv1d(c, len(cfg.levels), 1)]
     return nn.Sequential(*layers)
@@ -246,31 +238,27 @@ def audio_decoder(cfg: AudioCodecConfig) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv1d(len(cfg.levels), c, 3, padding=1)]
     layers += [ResBlock1d(c, dilation=d) for d in (1, 2, 4)[: cfg.res_blocks]]
     for i in range(int(math.log2(cfg.frames_per_token))):
-        up = nn.ConvTranspose1d(c, c, 4, stride=2, padding=1)
-        layers += [nn.GELU(), up, ResBlock1d(c, dilation=2 if i % 2 else 1)]
+        layers += [nn.GELU(), nn.ConvTranspose1d(c, c, 4, stride=2, padding=1), ResBlock1d(c, dilation=1 + i % 2)]
     layers += [nn.GELU(), nn.Conv1d(c, cfg.n_bins, 3, padding=1)]
     return nn.Sequential(*layers)
 
 
 def stft(waves: Tensor, n_fft: int, hop: int) -> Tensor:
     """(B, n) -> (B, n_fft//2 + 1, n//hop + 1) complex STFT, Hann window, centred frames."""
-    window = torch.hann_window(n_fft, device=waves.device)
-    return torch.stft(waves, n_fft, hop, window=window, center=True, return_complex=True)
+    return torch.stft(waves, n_fft, hop, window=torch.hann_window(n_fft, device=waves.device), return_complex=True)
 
 
 def istft(spec: Tensor, n_fft: int, hop: int, length: int) -> Tensor:
-    window = torch.hann_window(n_fft, device=spec.device)
-    return torch.istft(spec, n_fft, hop, window=window, center=True, length=length)
+    return torch.istft(spec, n_fft, hop, window=torch.hann_window(n_fft, device=spec.device), length=length)
 
 
 def griffin_lim(mag: Tensor, n_fft: int, hop: int, length: int, n_iter: int = 64, momentum: float = 0.99) -> Tensor:
     """Waveforms whose STFT magnitude is close to ``mag`` (B, bins, frames): the fast Griffin-Lim algorithm.
 
-    Griffin & Lim (1984) alternate two projections: keep the phase of X, impose the magnitude (X <- |S| X/|X|),
-    and go to the nearest consistent spectrogram (X <- STFT(ISTFT(X))). The "fast" variant (Perraudin et al.,
-    2013) extrapolates the phase with a momentum term, X_n <- P(X_n) + alpha (P(X_n) - P(X_{n-1})) with
-    alpha ~ 0.99, converging in far fewer iterations. Phases start at 0 (deterministic: the same magnitudes
-    give the same waveform).
+    Griffin & Lim (1984) alternate two projections: keep the phase of X, impose the magnitude (X <- |S| X/|X|), and
+    go to the nearest consistent spectrogram (X <- STFT(ISTFT(X))). The "fast" variant (Perraudin et al., 2013)
+    extrapolates the phase with a momentum term, X_n <- P(X_n) + alpha (P(X_n) - P(X_{n-1})) with alpha ~ 0.99,
+    converging in far fewer iterations. Phases start at 0 (deterministic: the same magnitudes give the same wave).
     """
     angles = torch.ones_like(mag, dtype=torch.complex64)
     previous = torch.zeros_like(angles)
@@ -297,8 +285,7 @@ class AudioCodec(nn.Module):
 
     The STFT has n_frames + 1 centred frames; the encoder sees the first n_frames and decoding appends one
     silent frame (the last frame covers only the final hop/2 samples of the clip). ``encode``/``decode`` (one
-    clip) and ``*_batch`` take and give numpy arrays; ``*_tensor``, batched torch tensors (TorchScript exports).
-    """
+    clip) and ``*_batch`` take and give numpy arrays; ``*_tensor``, batched torch tensors (TorchScript exports)."""
 
     def __init__(self, cfg: AudioCodecConfig = AudioCodecConfig()) -> None:
         super().__init__()
@@ -313,7 +300,6 @@ class AudioCodec(nn.Module):
         self.log_floor, self.griffin_lim_iters = cfg.log_floor, cfg.griffin_lim_iters
 
     def code_vectors(self) -> np.ndarray:
-        """(vocab_size, d): the FSQ code of every token id."""
         return self.fsq.code_vectors()
 
     def magnitudes(self, waves: Tensor) -> Tensor:
@@ -396,9 +382,8 @@ class ImageAEConfig:
 
 class ImageAutoencoder(nn.Module):
     """Encoder: conv 3x3 -> two stride-2 convs (S -> S/4) -> 1x1 conv to len(levels) channels -> FSQ.
-    Decoder: the mirror with transposed convs and a sigmoid. Images are (N, H, W) or (N, H, W, C)
-    floats in [0, 1] in the numpy API; tokens are raster-ordered (row by row), (N, (S/4)^2) int64.
-    """
+    Decoder: the mirror with transposed convs and a sigmoid. Images are (N, H, W) or (N, H, W, C) floats in [0, 1]
+    in the numpy API; tokens are raster-ordered (row by row), (N, (S/4)^2) int64."""
 
     def __init__(self, cfg: ImageAEConfig = ImageAEConfig()) -> None:
         super().__init__()
@@ -422,11 +407,10 @@ class ImageAutoencoder(nn.Module):
         self.image_size = cfg.image_size
 
     def code_vectors(self) -> np.ndarray:
-        """(vocab_size, d): the FSQ code of every token id."""
         return self.fsq.code_vectors()
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, S, S) in [0, 1] -> reconstruction logits-free images in [0, 1] (straight-through FSQ)."""
+        """Training pass: (N, C, S, S) in [0, 1] -> reconstructions in [0, 1] (straight-through FSQ)."""
         z = self.encoder(x * 2 - 1).permute(0, 2, 3, 1)
         return torch.sigmoid(self.decoder(self.fsq(z).permute(0, 3, 1, 2)))
 
@@ -479,17 +463,13 @@ def read_tokenizer(path: str | Path, expected: str, sha256: str = "") -> dict:
 
     ``sha256``, when given, is the hash a run recorded for this file: a different file is refused (it would
     give the model other tokens than it was trained on). A TorchScript archive is refused too: it is a
-    program, and loading it runs its code (``lab/torchscript.py`` wraps one for your own scripts).
-    """
+    program, and loading it runs its code (``lab/torchscript.py`` wraps one for your own scripts)."""
     path, what = Path(path), expected.split("/")[1].replace("-", " ")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} not found; train one with `python -m lab.tokenizers`")
-    digest = file_sha256(path)
-    if sha256 and digest != sha256:
-        raise ValueError(
-            f"the {what} at {path} has sha256 {digest[:12]}..., not the {sha256[:12]}... recorded for it; "
-            "it is not the file this run was trained with"
-        )
+    if sha256 and (digest := file_sha256(path)) != sha256:
+        msg = f"the {what} at {path} has sha256 {digest[:12]}..., not the {sha256[:12]}... recorded for it"
+        raise ValueError(msg + "; it is not the file this run was trained with")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             if any("/code/" in n or n.endswith("/constants.pkl") for n in zf.namelist()):

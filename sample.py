@@ -1,15 +1,10 @@
 """Sampling: run the reverse masked-diffusion process of a trained denoiser for every task.
 
-A sample starts from a *template*: a row laid out by ``data.Layout`` in which the tokens we know sit
-in place (the task token, the structural BOS/EOS tokens, a prompt, an image to caption) and every
-position to generate holds MASK_m of its modality m. Time moves from t = 1 (everything unknown is
-masked) to t = 0 (nothing is) over S steps; at each step some masked positions are revealed with
-tokens drawn from p_theta(x_0 | x_t); revealed and known tokens never change again (carry-over).
-
-Notation: x_t the row at time t, beta_t the probability that a position is masked at time t
-(beta_1 = 1, beta_0 = 0), S the number of steps, NFE the number of network evaluations (one
-forward pass over the whole batch counts one). ``checkpoint.load_for_inference`` loads a denoiser;
-the command line samples from one: ``python sample.py --checkpoint CKPT --task t2i --prompt "a seven"``.
+A sample starts from a *template*: a ``data.Layout`` row with the known tokens in place (task token, BOS/EOS,
+a prompt, an image to caption) and MASK_m of its modality m at every position to generate. Time runs from t = 1
+(all unknown positions masked) to t = 0 in S steps; each step reveals some masked positions with tokens drawn
+from p_theta(x_0 | x_t), x_t the row at time t, and known or revealed tokens never change (carry-over). beta_t
+is the probability that a position is masked at time t (beta_1 = 1, beta_0 = 0); NFE counts network passes.
 """
 
 from __future__ import annotations
@@ -50,12 +45,10 @@ class Template:
 
     ids:          known tokens in place; MASK_m at every position to generate (m: its modality).
     known:        the positions that are given and never change: exactly the non-MASK positions.
-    cond:         the conditioning segment (within ``known``) that the unconditional pass of guidance
-                  replaces by MASK_m: a caption for t2i, an image for i2t, a prompt for text; never
-                  the structural tokens (TASK, BOS/EOS of segments).
+    cond:         the conditioning segment (within ``known``) that guidance's unconditional pass replaces by
+                  MASK_m: a caption for t2i, an image for i2t, a prompt for text; never TASK, BOS or EOS.
     ends:         variable-length text slots (a pair's caption or transcript): ``fill_after_end`` applies.
-    content_only: positions that may only take their modality's content tokens (fixed-length media
-                  slots: a BOS_m or EOS_m there is never data).
+    content_only: only content tokens may go here (fixed-length media slots: a BOS_m or EOS_m is never data).
     """
 
     ids: Tensor
@@ -109,13 +102,11 @@ class Template:
 
 
 def layout_template(layout: Layout, ids: Tensor, known: Tensor | None = None) -> Template:
-    """The general entry point: any row(s) of ``layout`` with known and unknown positions.
-
-    ids (L,) or (B, L) global ids, L = layout.seq_len, each row starting with a task token; unknown
-    positions hold MASK_m (``known`` defaults to the non-MASK positions). Pair rows (TASK BOS_m media
-    EOS_m BOS_text text EOS_text PAD ...): ``cond`` = the known positions of both slots (a caption's
-    EOS_text and PAD_text carry its length), ``ends`` = the text slot, ``content_only`` = the media
-    slot. Text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure).
+    """The general entry point: any row(s) of ``layout`` with known and unknown positions. ids (L,) or
+    (B, L) global ids, L = layout.seq_len, each row starting with a task token; unknown positions hold MASK_m.
+    Pair rows (TASK BOS_m media EOS_m BOS_text text EOS_text PAD ...): ``cond`` = the known positions of both
+    slots (a caption's EOS_text and PAD_text carry its length), ``ends`` = the text slot, ``content_only`` = the
+    media slot. Text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure).
     """
     v = layout.vocab
     tpl = Template(ids, ~v.is_mask(ids) if known is None else known)
@@ -138,9 +129,7 @@ def layout_template(layout: Layout, ids: Tensor, known: Tensor | None = None) ->
 
 def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
     """Unconditional text (empty prompt) or continuation of local text ids: TASK_text BOS_text prompt MASK ...
-
-    The row is a window of the packed document stream (BOS_text doc EOS_text BOS_text ...): the model
-    may end the document and start another; ``decode_text`` keeps the first.
+    A window of the packed document stream: a second document may start; ``decode_text`` keeps the first.
     """
     v, room = layout.vocab, prompt_capacity(layout, "text")  # the row after BOS_text
     if len(prompt) > room:
@@ -152,9 +141,8 @@ def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
 
 
 def task_template(layout: Layout, task: str, *, text: Sequence[int] = (), media: ArrayLike | None = None) -> Template:
-    """One row of a generation task from its condition: local text ids (text, t2i, t2s; the text row or
-    media slot is all MASK) or local image / audio ids (i2t, s2t; the text slot is all MASK_text).
-    Infilling is ``layout_template`` of a row with MASKs inside.
+    """One row of ``task`` from its condition (local text ids for text, t2i, t2s; local image / audio ids for
+    i2t, s2t), all MASK where it generates. Infilling is ``layout_template`` of a row with MASKs inside.
     """
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(GENERATION_TASKS)}")
@@ -187,18 +175,15 @@ def time_grid(steps: int) -> Tensor:
 def unmask_probability(beta_s: Tensor, beta_next: Tensor) -> Tensor:
     """P(a position masked at time s is revealed by time s' < s) = (beta_s - beta_s') / beta_s.
 
-    Why: the forward process masks position i iff u_i < beta_t for one uniform u_i, so the masked
-    sets are nested and P(masked at s' | masked at s) = beta_s' / beta_s; the reverse step keeps a
-    masked position masked with that probability. At the last step beta_0 = 0: the probability is 1.
+    Why: masks are nested (i is masked iff u_i < beta_t, one uniform u_i), so P(masked at s' | masked at s) =
+    beta_s' / beta_s, the probability that the reverse step keeps a masked position masked.
     """
     return (beta_s - beta_next) / beta_s if beta_s > 0 else torch.ones((), dtype=torch.float64)
 
 
 def remaining_counts(n_start: Tensor, beta_next: Tensor) -> Tensor:
-    """How many positions of each row stay masked after a confidence step: round(n_start * beta_s').
-
-    n_start (B,) counts the positions to generate; n_start * beta_s' is the ancestral sampler's
-    expected count, so both samplers reveal at the same average pace (and beta_0 = 0 ends at zero).
+    """How many positions of each row stay masked after a confidence step: round(n_start * beta_s'), n_start (B,)
+    counting the positions to generate; n_start * beta_s' is the ancestral sampler's expected count (the same pace).
     """
     return torch.round(n_start.double() * beta_next).long()
 
@@ -206,10 +191,9 @@ def remaining_counts(n_start: Tensor, beta_next: Tensor) -> Tensor:
 def guided_logits(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     """Classifier-free guidance: logits_g = logits_u + (1 + w) (logits_c - logits_u).
 
-    Equivalently logits_c + w (logits_c - logits_u): w = 0 is plain conditional sampling, w > 0 pushes
-    away from the unconditional model (Ho & Salimans' w, LLaDA's cfg_scale; w' = 1 + w in the form
-    logits_u + w' (logits_c - logits_u)). The -inf entries coincide in both passes (masking keeps each
-    position's modality); computing on the finite ones only keeps them -inf, with no inf - inf = nan.
+    Equivalently logits_c + w (logits_c - logits_u): w = 0 is conditional sampling, w > 0 pushes away from the
+    unconditional model (Ho & Salimans' w, LLaDA's cfg_scale). The -inf entries agree in both passes (masking keeps
+    each position's modality): computing on the finite ones only keeps them -inf, with no inf - inf = nan.
     """
     finite = torch.isfinite(cond)
     return torch.where(finite, cond + w * torch.where(finite, cond - uncond, 0.0), cond)
@@ -218,9 +202,8 @@ def guided_logits(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """(n, V) logits -> (n, V) float64 probabilities to draw from: temperature, then top-p.
 
-    p_T(v) ~ exp(logit_v / T), T = 0 greedy (all mass on the argmax). Top-p keeps the smallest set of
-    most probable tokens whose mass reaches ``top_p`` (at least one) and renormalises. In float64: a
-    float32/bf16 softmax or Gumbel draw loses the tail and silently lowers the effective temperature.
+    p_T(v) ~ exp(logit_v / T), T = 0 greedy; top-p keeps the fewest most probable tokens with mass >= ``top_p``,
+    renormalised. In float64: a float32/bf16 softmax or Gumbel draw loses the tail, silently lowering the temperature.
     """
     logits = logits.double()
     if temperature == 0:
@@ -236,20 +219,17 @@ def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tens
 
 def draw_categorical(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row by inverse CDF: the v with F(v-1) <= u * F(V) < F(v), F the float64 CDF.
-
-    probs (n, V) float64, u (n,) uniforms in [0, 1). A zero-probability token is never drawn (its CDF
-    step is empty); one uniform per position makes the noise a fixed function of the random stream.
+    probs (n, V) float64, u (n,) uniforms in [0, 1). A zero-probability token is never drawn (its CDF step is
+    empty); one uniform per position makes the noise a fixed function of the random stream.
     """
     cdf = probs.cumsum(-1)
-    target = (u.to(cdf) * cdf[:, -1])[:, None]
-    return torch.searchsorted(cdf, target, right=True)[:, 0]
+    return torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True)[:, 0]
 
 
 def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
-    """The confidence of a drawn token: p_theta(x_i = x̂_i | x_t) at temperature 1.
+    """The confidence of a drawn token: p_theta(x_i = x̂_i | x_t) at temperature 1 (LLaDA's "low_confidence").
 
-    The probability of the *drawn* x̂_i after guidance and the content-only restriction but *before*
-    temperature and top-p: not the maximum (unless T = 0), independent of T; LLaDA's "low_confidence".
+    Of the *drawn* x̂_i (not the maximum unless T = 0), after guidance and the content-only restriction, before top-p.
     """
     return torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
 
@@ -264,12 +244,10 @@ def top_k_per_row(candidates: Tensor, score: Tensor, k: Tensor) -> Tensor:
 def fill_after_end(x: Tensor, ends: Tensor, vocab: Vocab) -> Tensor:
     """The end-of-text rule of a variable-length text slot (a pair's caption or transcript).
 
-    The training layout's slot reads ``text EOS_text PAD_text ... PAD_text``: PAD after EOS is data.
-    Rule: let j be the slot's first position holding a revealed EOS_text *or* PAD_text; every still
-    masked slot position after j becomes PAD_text at once, while those before j stay to be generated
-    (they may end the text earlier, moving j left). Tokens revealed after j before the end appeared
-    keep their value (carry-over); ``decode_text`` cuts at the first EOS/PAD. The true conditionals
-    put PAD after the end with probability 1; the rule removes a weak model's slips and saves steps.
+    A training slot reads ``text EOS_text PAD_text ... PAD_text``: PAD after EOS is data. Rule: let j be the slot's
+    first revealed EOS_text *or* PAD_text; every still masked slot position after j becomes PAD_text at once, those
+    before j stay to be generated (they may end the text earlier; ``decode_text`` cuts at the first EOS/PAD). The
+    true conditionals put PAD after the end with probability 1: the rule removes a weak model's slips, saving steps.
     """
     end = ends & ((x == vocab.eos("text")) | (x == vocab.pad))
     after = ends & (end.long().cumsum(1) > 0) & vocab.is_mask(x)
@@ -286,10 +264,9 @@ class DenoiserLike(Protocol):  # what the samplers need: ``model.Denoiser`` or a
 class Predictor:
     """p_theta(x_0 | x_t) at the masked positions as the samplers use it: guided, restricted, cached, counted.
 
-    Guidance: w != 0 adds a pass with the conditioning segment masked. Restriction: no BOS_m, EOS_m or
-    PAD_text at ``content_only`` positions. Caching (MDLM's ddpm_cache): the denoiser has no time input,
-    so while x_t (the whole batch) is unchanged its last output is reused, bit-exact; this pays off
-    when the steps outnumber the tokens each row reveals, and with small batches. ``nfe`` counts passes.
+    Guidance (w != 0) adds a pass with the conditioning segment masked; no BOS_m, EOS_m or PAD_text may go to
+    ``content_only`` positions. Caching (MDLM's ddpm_cache): the denoiser has no time input, so while x_t (the
+    whole batch) is unchanged its last output is reused, bit-exact: a gain when steps outnumber each row's reveals.
     """
 
     def __init__(self, model: DenoiserLike, template: Template, guidance: float, cache: bool, device: torch.device):
@@ -317,9 +294,8 @@ class Predictor:
 
 @dataclass
 class Sample:
-    """The result of ``sample``: ids (B, L) with zero MASK tokens; order (B, L) the step that revealed
-    each position (-1 for known ones; the end-of-text rule's fills get the step that revealed their
-    end, 0 for an end in the template); nfe network passes; seconds of wall-clock time for the batch.
+    """The result of ``sample``: ids (B, L), no MASK left; order (B, L) the step that revealed each position
+    (-1: known; the end-of-text rule's fills get their end's step, 0 for an end in the template); nfe; seconds.
     """
 
     ids: Tensor
@@ -338,12 +314,10 @@ def ancestral_step(
 ) -> tuple[Tensor, Tensor]:
     """One step s -> s' of the exact reverse process: returns (reveal (B, L) bool, tokens (n_reveal,)).
 
-    Each masked position is revealed independently with probability (beta_s - beta_s')/beta_s, i.e.
-    iff its uniform u_reveal < that probability, and takes x̂ ~ p_theta(x_0 | x_t) (with temperature
-    and top-p). Positions revealed in the same step are drawn independently given x_t: the only
-    approximation of few-step sampling. Under the linear grid each of n positions is revealed at a
-    uniformly random one of the S steps, so about C(n, 2)/S pairs share a step (the birthday
-    problem): the error vanishes only for S >> n^2/2, not as soon as the steps outnumber the tokens.
+    A masked position is revealed iff its u_reveal < p_unmask = (beta_s - beta_s')/beta_s, with a token drawn from
+    p_theta(x_0 | x_t). Positions revealed in one step are drawn independently given x_t, the only approximation
+    of few-step sampling: under the linear grid each of n positions is revealed at a uniformly random step, so
+    about C(n, 2)/S pairs share a step (the birthday problem) and the error vanishes only for S >> n^2/2, not S > n.
     """
     reveal = masked & (u_reveal < p_unmask)
     probs = token_distribution(logits[reveal[masked]], cfg.temperature, cfg.top_p)  # the revealed rows
@@ -353,10 +327,8 @@ def ancestral_step(
 def confidence_step(
     masked: Tensor, logits: Tensor, n_keep: Tensor, u_token: Tensor, cfg: SamplerConfig
 ) -> tuple[Tensor, Tensor]:
-    """One MaskGIT / LLaDA step: draw a token at every masked position, keep the most confident.
-
-    Row b keeps the k_b = (masked now) - n_keep_b draws of highest ``confidence`` and re-masks the
-    rest; n_keep (``remaining_counts``) follows the inference schedule. Returns as ``ancestral_step``.
+    """One MaskGIT / LLaDA step (returns as ``ancestral_step``): draw a token at every masked position, keep the
+    most confident: row b keeps its (masked now) - n_keep_b draws of highest ``confidence`` (``remaining_counts``).
     """
     tokens = draw_categorical(token_distribution(logits, cfg.temperature, cfg.top_p), u_token[masked])
     score = torch.zeros_like(masked, dtype=torch.float64).masked_scatter(masked, confidence(logits, tokens))
@@ -370,11 +342,10 @@ def sample(
 ) -> Sample:
     """Complete every row of ``template`` with ``cfg``'s sampler. The loop, for steps i = 0 .. S-1:
 
-    1. draw two float64 uniforms per position, u_reveal and u_token, from ``generator`` (CPU; None:
-       torch's global one), independent of the network and of caching, so cached and uncached runs agree;
-    2. ask the ``Predictor`` for p_theta(x_0 | x_t) at the masked positions;
-    3. reveal tokens (``ancestral_step`` or ``confidence_step``), never touching known or revealed ones;
-    4. apply the end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
+    1. draw two float64 uniforms per position, u_reveal and u_token, from ``generator`` (CPU; None: torch's global
+       one), independent of the network and of caching, so cached and uncached runs agree;
+    2. reveal tokens drawn from the ``Predictor`` (``ancestral_step``, ``confidence_step``), then apply the
+       end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
     """
     cfg, vocab = cfg or SamplerConfig(), model.vocab
     template.validate(vocab)
@@ -416,10 +387,9 @@ def generate(
     num: int = 1,
     seed: int = 0,
 ) -> tuple[Template, Sample]:
-    """``num`` samples of ``task`` for each condition, in one batch (rows grouped by condition).
-
-    texts: local text ids of each prompt (text, t2i, t2s; default: one empty prompt); media: local
-    image / audio ids of each input (i2t, s2t). cfg defaults to the task's preset; same seed, same samples.
+    """``num`` samples of ``task`` for each condition, in one batch (rows grouped by condition). texts:
+    local text ids of each prompt (text, t2i, t2s; default: one empty prompt); media: local image / audio ids of
+    each input (i2t, s2t). cfg defaults to the task's preset; same seed, same samples.
     """
     key, conditions = ("media", media) if task in ("i2t", "s2t") else ("text", texts)
     rows = [task_template(layout, task, **{key: c}) for c in conditions]
@@ -439,8 +409,7 @@ class SamplerConfig:
 
     sampler:     "ancestral" (the exact reverse process) or "confidence" (MaskGIT / LLaDA top-k).
     steps:       S, the number of steps from t = 1 to t = 0.
-    schedule:    the inference schedule beta_t, which need not be the training one ("linear", "cosine",
-                 "poly2", "poly:0.5"; see ``mdm.Schedule.parse``).
+    schedule:    beta_t at inference, which may differ from training ("linear", "poly:0.5"; ``Schedule.parse``).
     temperature: T > 0 scales the logits by 1/T; T = 0 is greedy.
     top_p:       nucleus sampling mass in (0, 1]; 1 keeps every token.
     guidance:    classifier-free guidance w (``guided_logits``); w != 0 costs two network passes, not one.
@@ -558,12 +527,8 @@ def fail(message: object, prog: str = "sample.py") -> None:
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog="sample.py",
-        description="Generate text, images and speech with a trained tri-modal MDM.",
-        epilog=USAGE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = ArgumentParser(prog="sample.py", epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.description = "Generate text, images and speech with a trained tri-modal MDM."
     p.option("task", required=True, choices=tuple(GENERATION_TASKS), help="what to generate")
     p.option("checkpoint", required=True, help="a checkpoint or export folder written by train.py")
     p.option("prompt", action="append", help="text prompt (text, t2i, t2s); repeat for several")

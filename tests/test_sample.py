@@ -37,7 +37,7 @@ LAYOUT = Layout(VOCAB, seq_len=24, image_len=9, audio_len=6)  # image_text text 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run ~50x faster on one thread than on two contended ones (DESIGN.md section 5)."""
+    """Tiny models run far faster on one thread than on two contended ones."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

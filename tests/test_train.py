@@ -454,8 +454,8 @@ def test_a_checkpoint_with_a_pickled_program_is_refused_unrun(tmp_path: Path, mo
 @pytest.mark.parametrize(
     "option,message",
     [
-        ("--cond_media=1.5", "cond_keep, cond_drop and cond_media are probabilities"),
-        ("--cond_keep=0.95", r"cond_keep \+ cond_drop <= 1; got 0.95"),
+        ("--cond_media=1.5", r"cond_keep, cond_drop, cond_media \(0.7, 0.1, 1.5\) must be probabilities"),
+        ("--cond_keep=0.95", r"cond_keep, cond_drop, cond_media \(0.95, 0.1, 0.5\) .* keep \+ drop <= 1"),
         ("--audio_speeds=0.9,3", r"speed factors must lie in \[0.5, 2.0\]"),
     ],
 )
