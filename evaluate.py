@@ -29,7 +29,7 @@ from checkpoint import load_for_inference
 from data import DIGIT_WORDS, resample
 from model import Denoiser
 
-# --- 1. Judges --------------------------------------------------------------------------------
+# --- 1. Judges ------------------------------------------------------------------------------------
 
 
 class SpeechJudge:
@@ -111,7 +111,7 @@ class DigitImageJudge:
         return float(np.mean(self.predict(images) == np.asarray(labels)))
 
 
-# --- 2. Likelihood: per-modality NELBO in bits, with a standard error -------------------------
+# --- 2. Likelihood: per-modality NELBO in bits, with a standard error -----------------------------
 
 LN2 = math.log(2)
 
@@ -200,7 +200,7 @@ def likelihood_report(model: Denoiser, data: data_lib.TriModalData, split: str =
     }
 
 
-# --- 3. Generation: each cross-modal task judged offline --------------------------------------
+# --- 3. Generation: each cross-modal task judged offline ------------------------------------------
 
 
 @dataclass
@@ -303,7 +303,7 @@ def text_sample_quality(
     return out
 
 
-# --- 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files ------------
+# --- 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files ---------------
 
 
 def _plot_spectrograms(path: Path, waves: list[np.ndarray], labels: list[str], sample_rate: int) -> None:

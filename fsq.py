@@ -35,7 +35,7 @@ FORMAT_AUDIO = "trimodal-mdm/audio-codec/v1"
 FORMAT_IMAGE = "trimodal-mdm/image-autoencoder/v1"
 
 
-# --- 1. Gray-level patches --------------------------------------------------------------------
+# --- 1. Gray-level patches ------------------------------------------------------------------------
 class PixelTokenizer:
     """Gray-level patches as tokens: small grayscale images without any training.
 
@@ -99,7 +99,7 @@ class PixelTokenizer:
         return {"levels": self.levels, "patch": self.patch, "side": self.side, "in_levels": self.in_levels}
 
 
-# --- 2. Finite scalar quantization ------------------------------------------------------------
+# --- 2. Finite scalar quantization ----------------------------------------------------------------
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al., "Finite Scalar Quantization: VQ-VAE Made Simple", 2023).
 
@@ -168,7 +168,7 @@ def check_indices(ids: Tensor, vocab_size: int, what: str, length: int = 0) -> N
         raise ValueError(f"{what} token ids must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
-# --- 3. The audio codec -----------------------------------------------------------------------
+# --- 3. The audio codec ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AudioCodecConfig:
     """Shape of the audio codec. Frames: hop samples apart, n_fft long (Hann window, 75% overlap).
@@ -361,7 +361,7 @@ class AudioCodec(nn.Module):
         torch.save({"format": FORMAT_AUDIO, "config": asdict(self.cfg), "state_dict": state}, path)
 
 
-# --- 4. The image autoencoder -----------------------------------------------------------------
+# --- 4. The image autoencoder ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImageAEConfig:
     """A conv autoencoder: (C, S, S) images in [0, 1] -> (S/4)^2 FSQ tokens (28x28 -> 7x7 = 49)."""
@@ -451,7 +451,7 @@ class ImageAutoencoder(nn.Module):
         torch.save({"format": FORMAT_IMAGE, "config": asdict(self.cfg), "state_dict": self.state_dict()}, path)
 
 
-# --- 5. Loading: this project's tokenizer checkpoints (tensors, never code) -------------------
+# --- 5. Loading: this project's tokenizer checkpoints (tensors, never code) -----------------------
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes ("" if there is no such file)."""
     p = Path(path)

@@ -29,7 +29,7 @@ from checkpoint import Inference, load_for_inference
 from data import MEDIA, Layout, decode_text_ids, resample
 from mdm import MODALITIES, TASKS, Schedule, Vocab
 
-# 1. Templates: what is known, what is generated ---------------------------------------------------
+# --- 1. Templates: what is known, what is generated -----------------------------------------------
 GENERATION_TASKS: dict[str, tuple[str, str]] = {  # task -> (its row task, the segment generated: media or text)
     "text": ("text", "text"),
     "t2i": ("image_text", "media"),
@@ -166,7 +166,7 @@ def prompt_capacity(layout: Layout, task: str) -> int:
     return layout.text_capacity("text") - 1 if row_task == "text" else layout.text_capacity(row_task)
 
 
-# 2. One step at a time ----------------------------------------------------------------------------
+# --- 2. One step at a time ------------------------------------------------------------------------
 def time_grid(steps: int) -> Tensor:
     """t_0 = 1 > t_1 > ... > t_S = 0, uniform in t (float64, S + 1 points; both ends exact)."""
     return 1 - torch.arange(steps + 1, dtype=torch.float64) / steps
@@ -254,7 +254,7 @@ def fill_after_end(x: Tensor, ends: Tensor, vocab: Vocab) -> Tensor:
     return torch.where(after, torch.full_like(x, vocab.pad), x)
 
 
-# 3. The samplers ----------------------------------------------------------------------------------
+# --- 3. The samplers ------------------------------------------------------------------------------
 class DenoiserLike(Protocol):  # what the samplers need: ``model.Denoiser`` or any oracle with its contract
     vocab: Vocab
 
@@ -399,7 +399,7 @@ def generate(
     return template, sample(model, template, cfg or PRESETS[task], Generator().manual_seed(seed))
 
 
-# 4. Settings: the sampler config and the per-task presets -----------------------------------------
+# --- 4. Settings: the sampler config and the per-task presets -------------------------------------
 SAMPLERS: tuple[str, ...] = ("ancestral", "confidence")
 
 
@@ -450,7 +450,7 @@ PRESETS: dict[str, SamplerConfig] = {  # chosen on the validation split by the l
 }
 
 
-# 5. Outputs: decoding rows, text, image grids, WAV files ------------------------------------------
+# --- 5. Outputs: decoding rows, text, image grids, WAV files --------------------------------------
 def decode_text(row: Tensor, layout: Layout, task: str, tokenizer: object) -> str:
     """The text of one row (a text row's first document, or a pair's text slot), cut at the first
     EOS_text and, in a pair's slot, at the first PAD_text. ``tokenizer.decode(list[int]) -> str``.
@@ -503,7 +503,7 @@ def save_wavs(folder: Path, waves: Sequence[np.ndarray], sample_rate: int) -> li
     return paths
 
 
-# 6. The command line ------------------------------------------------------------------------------
+# --- 6. The command line --------------------------------------------------------------------------
 USAGE_EXAMPLES = """examples:
   python sample.py --checkpoint runs/tiny/ckpt.pt --task text --prompt "The" --num 4
   python sample.py --checkpoint runs/tiny/ckpt.pt --task t2i --prompt "a handwritten seven" --num 16
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         images = np.stack([inf.image_tokenizer.decode(decode_media(row, inf.layout, task)) for row in result.ids])
         files, extra = [out / "grid.png", out / "images.npy"], [{} for _ in labels]
         np.save(files[1], images)
-        save_image_grid(files[0], list(images), labels, inf.image_tokenizer.levels)
+        save_image_grid(files[0], list(images), labels, inf.image_tokenizer.in_levels)  # decoded: 0 .. in_levels-1
     else:
         waves = [inf.audio_codec.decode(decode_media(row, inf.layout, task)) for row in result.ids]
         files = save_wavs(out, waves, inf.audio_codec.sample_rate)

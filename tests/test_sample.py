@@ -561,7 +561,7 @@ class FakeCodec:
         return np.concatenate([0.5 * np.sin(2 * np.pi * (200 + 50 * i) * t) for i in ids]).astype(np.float32)
 
 
-def fake_checkpoint(monkeypatch: pytest.MonkeyPatch, error: Exception | None = None) -> None:
+def fake_checkpoint(monkeypatch: pytest.MonkeyPatch, error: Exception | None = None, image_tokenizer=None) -> None:
     def load_for_inference(path: str, use_ema: bool = True, device: str = "cpu") -> types.SimpleNamespace:
         if error is not None:
             raise error
@@ -569,7 +569,7 @@ def fake_checkpoint(monkeypatch: pytest.MonkeyPatch, error: Exception | None = N
             model=MODEL,
             layout=LAYOUT,
             text_tokenizer=FakeTokenizer(),
-            image_tokenizer=PixelTokenizer(levels=17, side=3, patch=1),
+            image_tokenizer=image_tokenizer or PixelTokenizer(levels=17, side=3, patch=1),
             audio_codec=FakeCodec(),
         )
 
@@ -588,7 +588,14 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("task", list(S.GENERATION_TASKS))
 def test_cli_writes_samples_and_a_manifest(task: str, tmp_path: Path, monkeypatch, capsys) -> None:
-    fake_checkpoint(monkeypatch)
+    coarse = PixelTokenizer(levels=3, side=6, patch=2)  # 3 of the 17 gray levels in 9 tokens (ids < 81)
+    fake_checkpoint(monkeypatch, image_tokenizer=coarse if task == "t2i" else None)
+    grids, real = [], S.save_image_grid
+    monkeypatch.setattr(
+        S,
+        "save_image_grid",
+        lambda path, images, labels, levels: grids.append(levels) or real(path, images, labels, levels),
+    )
     args = ["--task", task, "--checkpoint", "ckpt.pt", "--num", "2", "--steps", "6", "--out", str(tmp_path / "o")]
     if task in ("i2t", "s2t"):
         if task == "i2t":
@@ -611,7 +618,9 @@ def test_cli_writes_samples_and_a_manifest(task: str, tmp_path: Path, monkeypatc
         assert (tmp_path / "o" / name).is_file()
     if task == "t2i":
         assert (tmp_path / "o" / "grid.png").read_bytes()[:4] == b"\x89PNG"
-        assert np.load(tmp_path / "o" / "images.npy").shape == (4, 3, 3)
+        images = np.load(tmp_path / "o" / "images.npy")
+        assert images.shape == (4, 6, 6) and set(np.unique(images)) <= {0, 8, 16}, "3 levels drawn on 0 .. 16"
+        assert grids == [17], "the grid's gray scale spans the decoded 0 .. 16, not the 3 token levels"
     elif task == "t2s":
         wave, rate = sf.read(tmp_path / "o" / "sample_003.wav")
         assert rate == 8000 and wave.shape == (600,)

@@ -1,0 +1,37 @@
+"""Every lab command starts from the repository root (``python -m lab.<tool>``); the cheap ones run for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bpe
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def lab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("tool", ["bench", "studies", "diagnostics", "tokenizers", "make_spoken_digits"])
+def test_every_lab_command_starts_and_explains_itself(tool: str) -> None:
+    done = lab(f"lab.{tool}", "--help")
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_the_bpe_command_reproduces_the_committed_tokenizer(tmp_path: Path) -> None:
+    done = lab("lab.tokenizers", "train-bpe", "--vocab", "1024", "--out", str(tmp_path / "bpe.tiktoken"))
+    assert done.returncode == 0, done.stderr
+    committed = bpe.TextTokenizer.load(ROOT / "assets" / "text_bpe_1024.tiktoken")
+    assert bpe.TextTokenizer.load(tmp_path / "bpe.tiktoken").ranks == committed.ranks
+
+
+def test_the_sde_toy_prints_its_distances() -> None:
+    done = lab("lab.sde_toy")
+    assert done.returncode == 0 and "with the rule" in done.stdout and "B =  128" in done.stdout, done.stderr
