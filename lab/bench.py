@@ -1421,11 +1421,17 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--checkpoint", default="", help="sample from this checkpoint instead of a random tiny model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch.get_num_threads())")
-    p.add_argument("--gpu-peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100: 989)")
+    p.add_argument(
+        "--gpu-peak-tflops",
+        "--gpu_peak_tflops",
+        type=float,
+        default=989.0,
+        help="the GPU's dense bf16 peak (H100: 989)",
+    )
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on unless --quick")
     p.add_argument("--gpus", type=int, default=8, help="N for the DDP / FSDP memory arithmetic")
     p.add_argument("--repeats", type=int, default=0, help="timed rounds per training shape (0: per-shape default)")
-    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", "--memory_child", default="", help=argparse.SUPPRESS)
     a = p.parse_args(list(argv))
     only = tuple(s for s in a.only.split(",") if s) or SECTIONS
     unknown = set(only) - set(SECTIONS)

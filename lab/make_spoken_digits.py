@@ -201,7 +201,7 @@ def main() -> None:
     here = Path(__file__).resolve().parents[1] / "assets"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=here / "spoken_digits.npz")
-    ap.add_argument("--sample-rate", type=int, default=12000)
+    ap.add_argument("--sample-rate", "--sample_rate", type=int, default=12000)
     ap.add_argument("--margin", type=float, default=0.03, help="seconds of silence kept around the word")
     args = ap.parse_args()
     arrays = build(args.sample_rate, args.margin)

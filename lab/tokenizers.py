@@ -326,9 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--lr", type=float, default=TrainConfig.lr)
     a.add_argument("--channels", type=int, default=AudioCodecConfig.channels)
     a.add_argument("--levels", type=int, nargs="+", default=list(AudioCodecConfig.levels))
-    a.add_argument("--clip-seconds", type=float, default=AudioCodecConfig.clip_seconds)
-    a.add_argument("--holdout-voice", default="", help="train without this voice and report it separately")
-    a.add_argument("--eval-stride", type=int, default=4, help="judge every k-th training clip")
+    a.add_argument("--clip-seconds", "--clip_seconds", type=float, default=AudioCodecConfig.clip_seconds)
+    a.add_argument(
+        "--holdout-voice", "--holdout_voice", default="", help="train without this voice and report it separately"
+    )
+    a.add_argument("--eval-stride", "--eval_stride", type=int, default=4, help="judge every k-th training clip")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--threads", type=int, default=1)
     a.set_defaults(func=cmd_train_audio)
