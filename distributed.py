@@ -131,4 +131,5 @@ def wrap(model: Denoiser, d: Dist, fsdp: bool, compile: bool = False, bf16: bool
         for block in model.blocks:
             fully_shard(block, **kw)
         return fully_shard(net, **kw)
-    return nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    devices = [d.local_rank] if d.device.type == "cuda" else None  # the buffers are constants: no broadcasts
+    return nn.parallel.DistributedDataParallel(net, device_ids=devices, broadcast_buffers=False)

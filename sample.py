@@ -265,31 +265,43 @@ class Predictor:
     """p_theta(x_0 | x_t) at the masked positions as the samplers use it: guided, restricted, cached, counted.
 
     Guidance (w != 0) adds a pass with the conditioning segment masked; no BOS_m, EOS_m or PAD_text may go to
-    ``content_only`` positions. Caching (MDLM's ddpm_cache): the denoiser has no time input, so while x_t (the
-    whole batch) is unchanged its last output is reused, bit-exact: a gain when steps outnumber each row's reveals.
+    ``content_only`` positions. Rows are independent given x_t, so the network sees only the rows that need it:
+    rows with masked positions left and, with caching (MDLM's ddpm_cache, per row), only those that changed since
+    the last call; the denoiser has no time input, so an unchanged row's last output is still exact. ``nfe``
+    counts network passes, ``row_evals`` the rows they carried.
     """
 
     def __init__(self, model: DenoiserLike, template: Template, guidance: float, cache: bool, device: torch.device):
         v = model.vocab
-        self.model, self.guidance, self.cache, self.nfe = model, guidance, cache, 0
+        self.model, self.guidance, self.cache, self.nfe, self.row_evals = model, guidance, cache, 0, 0
         self.cond, self.content_only = template.cond.to(device), template.content_only.to(device)
         self.mask_table = v.mask_table().to(device)
         self.specials = torch.zeros(v.size, dtype=torch.bool, device=device)  # BOS_m, EOS_m, PAD_text
         self.specials[[f(m) for m in MODALITIES for f in (v.bos, v.eos)] + [v.pad]] = True
-        self._x, self._logits = None, None  # the cache: the last input and output
+        self._x, self._masked, self._logits = None, None, None  # the cache: the last input and output
 
     def __call__(self, x: Tensor, masked: Tensor) -> Tensor:
-        """(n, |V|) float32 logits at the n positions where ``masked`` is True (row-major)."""
-        if self.cache and self._x is not None and torch.equal(x, self._x):
-            return self._logits
+        """(n, |V|) float32 logits at the n positions where ``masked`` (B, L) is True (row-major)."""
+        need = masked.any(1)  # (B,) the rows with positions to predict
+        run = need & (x != self._x).any(1) if self.cache and self._x is not None else need  # through the network
+        fresh = run[masked.nonzero()[:, 0]]  # (n,) the positions whose logits are computed now
+        logits = torch.empty((int(masked.sum()), self.specials.shape[0]), device=x.device)
+        if fresh.any():
+            logits[fresh] = self.evaluate(x[run], masked[run], run)
+        if not fresh.all():  # an unchanged row has the same masked positions: its old logits, in order
+            logits[~fresh] = self._logits[(need & ~run)[self._masked.nonzero()[:, 0]]]
+        self._x, self._masked, self._logits = x.clone(), masked, logits
+        return logits
+
+    def evaluate(self, x: Tensor, masked: Tensor, rows: Tensor) -> Tensor:
+        """Guided, restricted logits of the rows ``rows`` (B,) bool selects, x and masked (b, L) those rows."""
         logits = self.model(x, where=masked).float()
         if self.guidance != 0:
-            x_uncond = torch.where(self.cond, self.mask_table[x], x)  # the conditioning segment -> MASK_m
+            x_uncond = torch.where(self.cond[rows], self.mask_table[x], x)  # the conditioning segment -> MASK_m
             logits = guided_logits(logits, self.model(x_uncond, where=masked).float(), self.guidance)
-        self.nfe += 1 if self.guidance == 0 else 2
-        logits = logits.masked_fill(self.content_only[masked][:, None] & self.specials, -math.inf)
-        self._x, self._logits = x.clone(), logits
-        return logits
+        passes = 1 if self.guidance == 0 else 2
+        self.nfe, self.row_evals = self.nfe + passes, self.row_evals + passes * x.shape[0]
+        return logits.masked_fill(self.content_only[rows][masked][:, None] & self.specials, -math.inf)
 
 
 @dataclass
@@ -303,6 +315,7 @@ class Sample:
     nfe: int
     seconds: float
     config: SamplerConfig
+    row_evals: int = 0  # rows carried by the network passes (at most nfe x B)
 
     @property
     def seconds_per_sample(self) -> float:
@@ -336,16 +349,45 @@ def confidence_step(
     return reveal, tokens[reveal[masked]]
 
 
+def threshold_step(
+    masked: Tensor, logits: Tensor, threshold: float, u_token: Tensor, cfg: SamplerConfig
+) -> tuple[Tensor, Tensor]:
+    """One parallel-decoding step (Fast-dLLM's threshold rule; returns as ``ancestral_step``): draw a token at
+    every masked position, keep each draw whose ``confidence`` is >= ``threshold`` and, in every row with masked
+    positions, at least its most confident one. Confident positions barely depend on each other, so revealing
+    them together costs little; the number of steps adapts to the model's certainty instead of a fixed grid.
+    """
+    tokens = draw_categorical(token_distribution(logits, cfg.temperature, cfg.top_p), u_token[masked])
+    score = torch.zeros_like(masked, dtype=torch.float64).masked_scatter(masked, confidence(logits, tokens))
+    reveal = (masked & (score >= threshold)) | top_k_per_row(masked, score, masked.any(1).long())
+    return reveal, tokens[reveal[masked]]
+
+
+def row_generators(generator: Generator | Sequence[Generator] | None, rows: int) -> list[Generator]:
+    """One random stream per row, so that a row's sample does not depend on the batch it is drawn in: the given
+    sequence (one generator per row), or streams seeded from ``generator`` (None: torch's global one)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows: give one per row")
+        return list(generator)
+    seeds = torch.randint(2**62, (rows,), generator=generator)
+    return [Generator().manual_seed(int(s)) for s in seeds]
+
+
 @torch.no_grad()  # not inference_mode: its tensors reject in-place edits later, a trap for users of ids
 def sample(
-    model: DenoiserLike, template: Template, cfg: SamplerConfig | None = None, generator: Generator | None = None
+    model: DenoiserLike,
+    template: Template,
+    cfg: SamplerConfig | None = None,
+    generator: Generator | Sequence[Generator] | None = None,
 ) -> Sample:
     """Complete every row of ``template`` with ``cfg``'s sampler. The loop, for steps i = 0 .. S-1:
 
-    1. draw two float64 uniforms per position, u_reveal and u_token, from ``generator`` (CPU; None: torch's global
-       one), independent of the network and of caching, so cached and uncached runs agree;
-    2. reveal tokens drawn from the ``Predictor`` (``ancestral_step``, ``confidence_step``), then apply the
-       end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
+    1. draw two float64 uniforms per position, u_reveal and u_token, from the row's own stream
+       (``row_generators``), independent of the network and of caching, so cached and uncached runs agree and a
+       row gets the same sample alone as in a batch (up to the network's float rounding at another batch size);
+    2. reveal tokens drawn from the ``Predictor`` (``ancestral_step``, ``confidence_step``, ``threshold_step``),
+       then apply the end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
     """
     cfg, vocab = cfg or SamplerConfig(), model.vocab
     template.validate(vocab)
@@ -358,22 +400,26 @@ def sample(
     predictor = Predictor(model, template, cfg.guidance, cfg.cache, device)
     n_start = vocab.is_mask(x).sum(1)
     betas = Schedule.parse(cfg.schedule).beta(time_grid(cfg.steps))
+    streams = row_generators(generator, x.shape[0])
     for i in range(cfg.steps):
         masked = vocab.is_mask(x)
         if not masked.any():
             break
-        u_reveal, u_token = torch.rand((2, *x.shape), generator=generator, dtype=torch.float64).to(device)
+        u = torch.stack([torch.rand((2, x.shape[1]), generator=g, dtype=torch.float64) for g in streams], 1)
+        u_reveal, u_token = u.to(device)  # 2 x (B, L)
         logits = predictor(x, masked)
         if cfg.sampler == "ancestral":
             p = unmask_probability(betas[i], betas[i + 1]).to(device)
             reveal, tokens = ancestral_step(masked, logits, p, u_reveal, u_token, cfg)
+        elif cfg.sampler == "threshold":  # the last step reveals all
+            reveal, tokens = threshold_step(masked, logits, cfg.threshold if i < cfg.steps - 1 else 0.0, u_token, cfg)
         else:
             n_keep = remaining_counts(n_start, betas[i + 1]).to(device)
             reveal, tokens = confidence_step(masked, logits, n_keep, u_token, cfg)
         x, x_prev = fill_after_end(x.masked_scatter(reveal, tokens), ends, vocab), x
         order[reveal | (x != x_prev)] = i  # revealed, or filled by the end-of-text rule
     assert not vocab.is_mask(x).any(), "sampling finished with MASK tokens left"  # the last step reveals all
-    return Sample(x.cpu(), order.cpu(), predictor.nfe, time.perf_counter() - start, cfg)
+    return Sample(x.cpu(), order.cpu(), predictor.nfe, time.perf_counter() - start, cfg, predictor.row_evals)
 
 
 def generate(
@@ -400,15 +446,17 @@ def generate(
 
 
 # --- 4. Settings: the sampler config and the per-task presets -------------------------------------
-SAMPLERS: tuple[str, ...] = ("ancestral", "confidence")
+SAMPLERS: tuple[str, ...] = ("ancestral", "confidence", "threshold")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Everything that decides how a template is completed (seeds aside).
 
-    sampler:     "ancestral" (the exact reverse process) or "confidence" (MaskGIT / LLaDA top-k).
-    steps:       S, the number of steps from t = 1 to t = 0.
+    sampler:     "ancestral" (the exact reverse process), "confidence" (MaskGIT / LLaDA top-k) or "threshold"
+                 (parallel decoding: every position at least ``threshold`` confident, >= 1 per row and step).
+    steps:       S, the number of steps from t = 1 to t = 0 (for "threshold", the most steps: the last reveals all).
+    threshold:   the threshold sampler's confidence to reveal a position, in (0, 1].
     schedule:    beta_t at inference, which may differ from training ("linear", "poly:0.5"; ``Schedule.parse``).
     temperature: T > 0 scales the logits by 1/T; T = 0 is greedy.
     top_p:       nucleus sampling mass in (0, 1]; 1 keeps every token.
@@ -418,6 +466,7 @@ class SamplerConfig:
 
     sampler: str = "ancestral"
     steps: int = 64
+    threshold: float = 0.9
     schedule: str = "linear"
     temperature: float = 1.0
     top_p: float = 1.0
@@ -429,6 +478,8 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {SAMPLERS}")
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
         Schedule.parse(self.schedule)  # raises a clear error for an unknown schedule
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")

@@ -16,13 +16,14 @@ by more than the differences we look for.
 The sections, in the order they run:
 
 1. ``matmul``    the machine's limit: dense matmul GFLOP/s (fp32, and bf16 where it exists) at large
-   square sizes and at the exact GEMM shapes of the model (tokens x d -> 3d, d -> 2·hidden,
+   square sizes and at the exact GEMM shapes of the model (tokens x d -> 3d, d -> hidden (twice),
    hidden -> d, d -> text slice of the vocabulary). The best of these is the "limit" that MFU divides by.
 2. ``train``     one training step exactly as ``train.main`` takes it (``data.BatchIterator.batch`` ->
    ``train.corrupt_batch`` -> ``train.train_step`` -> ``train.EMA.update``), per shape and per mode
    (eager fp32, bf16 autocast, ``torch.compile`` of each block as ``train.wrap`` does it, and the
    autoregressive twin): tokens/s, achieved FLOP/s, MFU, the forward / backward / optimizer split,
-   the share of data loading, the first-step (compile) overhead, and the MDM / AR step ratio.
+   the share of data loading, the first-step (compile) overhead, the MDM / AR step ratio, and the
+   reference row: a plain nanoGPT-style transformer (``PlainTransformer``) on the same batches.
 3. ``logits``    the saving of computing logits only at masked positions (``Denoiser.nll_at``) against
    the textbook way (full-vocabulary logits at every position, then gather), at the default
    vocabulary and at a 50k-token text vocabulary.
@@ -136,6 +137,7 @@ class Options:
     compile: str = "auto"  # auto: on in the full run, off with --quick (a cold compile takes ~20 s per graph)
     gpus: int = 8  # N of the DDP / FSDP arithmetic
     repeats: int = 0  # timed rounds per training shape (0: each shape's own default)
+    shapes: tuple[str, ...] = ()  # only these training shapes (empty: all of the run's size)
     command: str = ""
     memory_child: str = ""  # internal: the JSON spec of a memory measurement run in a fresh process
 
@@ -287,7 +289,7 @@ def quick_shapes() -> list[Shape]:
 
 
 def linear_weights_per_layer(cfg: ModelConfig) -> int:
-    """Matmul weights of one block: qkv 3d^2, attention out d^2, gate_up 2dh, down hd."""
+    """Matmul weights of one block: qkv 3d^2, attention out d^2, gate and up 2dh, down hd."""
     d, h = cfg.d_model, cfg.mlp_hidden
     return 4 * d * d + 3 * d * h
 
@@ -369,7 +371,7 @@ def gemm_shapes(shape: Shape) -> list[tuple[str, int, int, int]]:
     return [
         (f"{shape.name} qkv", T, d, 3 * d),
         (f"{shape.name} attn out", T, d, d),
-        (f"{shape.name} mlp gate_up", T, d, 2 * h),
+        (f"{shape.name} mlp gate, up", T, d, h),
         (f"{shape.name} mlp down", T, h, d),
         (f"{shape.name} unembed (text, masked half)", T // 2, d, text_slice),
     ]
@@ -421,6 +423,44 @@ class NaiveNLL(nn.Module):
         return nll.view(x0.shape)[where]
 
 
+class PlainTransformer(nn.Module):
+    """The reference row: a plain bidirectional transformer of the nanoGPT kind at the same shape.
+
+    LayerNorm, learned positions, a 4x GELU MLP, no QK-norm and no rotary embedding; logits over the whole
+    vocabulary, at the masked positions only. It takes the MDM's batches (``forward`` as ``NaiveNLL``), so
+    the two steps differ only in the network: what this project's features (rotary, QK-norm, SwiGLU,
+    modality-restricted logits) cost.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab: mdm.Vocab) -> None:
+        super().__init__()
+        d, self.cfg, self.vocab, self.heads = cfg.d_model, cfg, vocab, cfg.n_heads
+        self.embed, self.pos = nn.Embedding(vocab.size, d), nn.Embedding(cfg.max_len, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(d),
+                    "qkv": nn.Linear(d, 3 * d, bias=False),
+                    "out": nn.Linear(d, d, bias=False),
+                    "ln2": nn.LayerNorm(d),
+                    "fc": nn.Linear(d, 4 * d, bias=False),
+                    "proj": nn.Linear(4 * d, d, bias=False),
+                }
+            )
+            for _ in range(cfg.n_layers)
+        )
+        self.final_norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab.size, bias=False)
+
+    def forward(self, x_t: Tensor, x0: Tensor, where: Tensor) -> Tensor:
+        B, L = x_t.shape
+        h = self.embed(x_t) + self.pos.weight[:L]
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln1"](h)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            h = h + b["out"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+            h = h + b["proj"](F.gelu(b["fc"](b["ln2"](h))))
+        return F.cross_entropy(self.head(self.final_norm(h)[where]).float(), x0[where], reduction="none")
+
+
 def attention_context(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """On a GPU, force the flash-attention SDPA kernel; elsewhere PyTorch's default choice."""
     if device.type != "cuda":
@@ -445,7 +485,9 @@ class StepTiming:
 class Workload:
     """One training configuration on one shape: model, optimizer, EMA and batches, as in ``train.main``."""
 
-    def __init__(self, shape: Shape, device: torch.device, naive_logits: bool = False, **overrides: object) -> None:
+    def __init__(
+        self, shape: Shape, device: torch.device, naive_logits: bool = False, plain: bool = False, **overrides: object
+    ) -> None:
         cfg = shape.train_config(device=device.type, **overrides)
         self.shape, self.cfg, self.device = shape, cfg, device
         if shape.synthetic_text:
@@ -467,6 +509,9 @@ class Workload:
         self.net = NaiveNLL(self.model) if naive_logits else net
         settings = cfg.settings()
         groups = train.param_groups(self.model, cfg, settings)
+        if plain:  # the reference network in place of the Denoiser: same batches, one AdamW group
+            self.model = self.net = PlainTransformer(self.model.cfg, self.layout.vocab).to(device)
+            groups = [{"params": list(self.model.parameters()), "lr_mult": 1.0}]
         self.opt = torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=True)
         self.ema = train.EMA(self.model, settings.ema)
         self.lr = settings.lr
@@ -496,7 +541,8 @@ class Workload:
 
     def flops(self, c: mdm.Corrupted) -> float:
         vocab = self.layout.vocab
-        cols = c.x0.numel() * vocab.control_start if isinstance(self.net, NaiveNLL) else unembed_columns(c, vocab)
+        cols = c.masked.sum() * vocab.size if isinstance(self.net, PlainTransformer) else unembed_columns(c, vocab)
+        cols = c.x0.numel() * vocab.control_start if isinstance(self.net, NaiveNLL) else cols
         return step_flops(self.model.cfg, c.x0.numel(), c.x0.shape[1], cols)
 
     def step(self) -> StepTiming:
@@ -569,14 +615,16 @@ def train_modes(opts: Options, shape: Shape) -> dict[str, dict]:
     device, native = opts.torch_device, native_bf16(opts.torch_device)
     if device.type == "cuda":
         modes = {"eager bf16": {"dtype": "bf16"}, "AR eager bf16": {"dtype": "bf16", "objective": "ar"}}
+        modes["plain eager bf16"] = {"dtype": "bf16", "plain": True}
         if opts.use_compile:
             modes["compile bf16"] = {"dtype": "bf16", "compile": True}
         return modes
     modes = {"eager fp32": {"dtype": "fp32"}, "AR eager fp32": {"dtype": "fp32", "objective": "ar"}}
+    modes["plain eager fp32"] = {"dtype": "fp32", "plain": True}
     # bf16 without hardware support runs ~5x slower than fp32: measure it on the smallest shapes only
     if native or (shape.name in ("small",) if opts.quick else shape.name in ("tiny", "plan1M")):
         modes["eager bf16"] = {"dtype": "bf16"}
-    if opts.use_compile and shape.name in ("tiny", "plan6M", "small"):
+    if opts.use_compile and shape.name in ("tiny", "plan1M", "plan6M", "small"):
         modes["compile fp32"] = {"dtype": "fp32", "compile": True}
         if native:
             modes["compile bf16"] = {"dtype": "bf16", "compile": True}
@@ -595,7 +643,7 @@ def limit_for(mode: str, limits: dict[str, float], opts: Options) -> float:
 
 def section_train(opts: Options, shapes: list[Shape], limits: dict[str, float]) -> dict:
     device = opts.torch_device
-    rows, splits, ratios = [], [], []
+    rows, splits, ratios, ratios_plain = [], [], [], []
     for shape in shapes:
         modes = train_modes(opts, shape)
         progress(f"train {shape.name} ({shape.describe()}): modes {', '.join(modes)}")
@@ -635,6 +683,18 @@ def section_train(opts: Options, shapes: list[Shape], limits: dict[str, float]) 
                 "ar_predicted_per_row": summaries[ar]["masked_per_row"],
             }
         )
+        plain = f"plain {base}"
+        for m in [m for m in modes if m in (base, "compile fp32", "compile bf16")]:
+            pairs = zip(runs[plain], runs[m], strict=True)  # > 1: the MDM step is faster than the plain one
+            ratios_plain.append(
+                {
+                    "shape": shape.name,
+                    "mode": m,
+                    "plain_tokens_per_s": summaries[plain]["tokens_per_s"],
+                    "mdm_tokens_per_s": summaries[m]["tokens_per_s"],
+                    "speed_vs_plain": median([p.total_s / q.total_s for p, q in pairs]),
+                }
+            )
         for m in modes:
             s = summaries[m]
             progress(f"  {m:>14}: {s['step_s']:.3f} s/step, {s['tokens_per_s']:,.0f} tok/s, MFU {s['mfu']:.2f}")
@@ -644,6 +704,7 @@ def section_train(opts: Options, shapes: list[Shape], limits: dict[str, float]) 
         "rows": rows,
         "split": splits,
         "ar": ratios,
+        "plain": ratios_plain,
     }
 
 
@@ -821,6 +882,10 @@ def section_sampling(opts: Options) -> dict:
                         "nfe_cached": on.nfe,
                         "nfe_uncached": off.nfe,
                         "nfe_ratio": off.nfe / max(1, on.nfe),
+                        # rows carried through the network: a batch skips its unchanged and finished rows
+                        "row_evals_cached": on.row_evals,
+                        "row_share": on.row_evals / max(1, on.nfe * b),
+                        "tokens_per_nfe": float((on.order >= 0).sum()) / b / max(1, on.nfe),
                         "s_per_sample_cached": on.seconds_per_sample,
                         "s_per_sample_uncached": off.seconds_per_sample,
                         "identical": bool(torch.equal(on.ids, off.ids)),
@@ -1082,6 +1147,13 @@ def evaluate_targets(results: dict) -> list[Target]:
         worst = max(ar, key=lambda r: r["ratio_paired"])
         text = ", ".join(f"{r['shape']} {r['ratio_paired']:.3f}" for r in ar)
         out.append(Target("MDM step <= 1.05 x AR step (paired ratio)", text, verdict(worst["ratio_paired"] <= 1.05)))
+    for mode, goal in (("eager", 1.0), ("compile", 1.1)):
+        vs = [r for r in tr.get("plain", []) if r["mode"].startswith(mode) and r["shape"] in ("plan1M", "plan6M")]
+        if vs:
+            text = ", ".join(f"{r['shape']} {r['mode']} {r['speed_vs_plain']:.2f}x" for r in vs)
+            ok = min(r["speed_vs_plain"] for r in vs) >= goal
+            goal_text = f"MDM {mode} step >= {goal}x the plain transformer's (plan1M, plan6M)"
+            out.append(Target(goal_text, text, verdict(ok)))
     plan = [
         ("plan6M", "eager fp32", "tokens_per_s", 3400, "plan6M eager fp32 >= 3.4k tokens/s"),
         ("plan6M", "eager fp32", "mfu", 0.68, "plan6M eager fp32 >= 68% of the fp32 limit"),
@@ -1102,7 +1174,7 @@ def evaluate_targets(results: dict) -> list[Target]:
                 name, shown + ("" if r is None else f" ({r['mode']})"), verdict(None if r is None else value >= goal)
             )
         )
-    small = [r for r in rows if r["shape"] == "small" and "AR" not in r["mode"]]
+    small = [r for r in rows if r["shape"] == "small" and "AR" not in r["mode"] and "plain" not in r["mode"]]
     if small and results["machine"]["device"] == "cpu":
         best = max(small, key=lambda r: r["gflops"])
         out.append(
@@ -1137,7 +1209,8 @@ def evaluate_targets(results: dict) -> list[Target]:
                 verdict(len(ok) == len(samp) and same),
             )
         )
-    gpu = [r for r in rows if results["machine"]["device"].startswith("cuda") and "AR" not in r["mode"]]
+    on_gpu = results["machine"]["device"].startswith("cuda")
+    gpu = [r for r in rows if on_gpu and not r["mode"].startswith(("AR", "plain"))]
     if gpu:
         text = ", ".join(f"{r['shape']} {r['mode']} {r['mfu']:.0%}" for r in gpu)
         out.append(Target("GPU MFU against --gpu-peak-tflops (reported, no target)", text, "n/a"))
@@ -1270,6 +1343,20 @@ def report(results: dict, opts: Options) -> str:
                     ("ar_predicted_per_row", "AR predicted/row"),
                 ],
             ),
+            "",
+            "MDM step against the plain transformer (nanoGPT kind: LayerNorm, learned positions, GELU MLP, no QK-norm,"
+            " full-vocabulary logits at the masked positions), same batches, interleaved; speed > 1: MDM faster:",
+            "",
+            table(
+                tr.get("plain", []),
+                [
+                    ("shape", "shape"),
+                    ("mode", "MDM mode"),
+                    ("mdm_tokens_per_s", "MDM tokens/s"),
+                    ("plain_tokens_per_s", "plain tokens/s (eager)"),
+                    ("speed_vs_plain", "speed vs plain (paired)"),
+                ],
+            ),
         ]
     if "logits" in results:
         parts += [
@@ -1339,6 +1426,8 @@ def report(results: dict, opts: Options) -> str:
                     ("nfe_cached", "NFE cached"),
                     ("nfe_uncached", "NFE uncached"),
                     ("nfe_ratio", "ratio"),
+                    ("row_share", "rows per pass / batch"),
+                    ("tokens_per_nfe", "tokens/NFE per row"),
                     ("s_per_sample_cached", "s/sample cached"),
                     ("s_per_sample_uncached", "s/sample uncached"),
                     ("identical", "identical"),
@@ -1431,6 +1520,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on unless --quick")
     p.add_argument("--gpus", type=int, default=8, help="N for the DDP / FSDP memory arithmetic")
     p.add_argument("--repeats", type=int, default=0, help="timed rounds per training shape (0: per-shape default)")
+    p.add_argument("--shapes", default="", help="comma-separated training shapes (e.g. plan1M,plan6M; default all)")
     p.add_argument("--memory-child", "--memory_child", default="", help=argparse.SUPPRESS)
     a = p.parse_args(list(argv))
     only = tuple(s for s in a.only.split(",") if s) or SECTIONS
@@ -1449,6 +1539,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         compile=a.compile,
         gpus=a.gpus,
         repeats=a.repeats,
+        shapes=tuple(s for s in a.shapes.split(",") if s),
         command="python -m lab.bench " + " ".join(argv),
         memory_child=a.memory_child,
     )
@@ -1476,6 +1567,11 @@ def run(opts: Options) -> dict:
     shapes = quick_shapes() if opts.quick else full_shapes(device)
     if opts.repeats:
         shapes = [replace(s, repeats=opts.repeats) for s in shapes]
+    if opts.shapes:
+        unknown = set(opts.shapes) - {s.name for s in shapes}
+        if unknown:
+            raise SystemExit(f"unknown shapes {sorted(unknown)}; this run has {', '.join(s.name for s in shapes)}")
+        shapes = [s for s in shapes if s.name in opts.shapes]
     progress(
         f"{results['machine']['cpu']}, {torch.get_num_threads()} threads, device {device}, "
         f"load {results['machine']['load_before']}; sections {', '.join(opts.only)}"

@@ -25,9 +25,11 @@ from model import Denoiser, ModelConfig, embed_codes
 ROOT = Path(__file__).resolve().parents[1]
 
 # A run small enough for seconds on 2 cores: 2 layers of width 32, 16 rows of 48 tokens per step.
-# The sequence length is pinned so that step counts below do not depend on the default preset.
+# The sequence length is pinned so that step counts below do not depend on the default preset, and the
+# dtype so that runs compared with each other cannot resolve --dtype=auto differently (its probe is timed).
 STEP_TOKENS = 16 * 48
 SMALL = [
+    "--dtype=fp32",
     "--seq_len=48",
     "--d_model=32",
     "--n_layers=2",
@@ -462,3 +464,32 @@ def test_a_checkpoint_with_a_pickled_program_is_refused_unrun(tmp_path: Path, mo
 def test_impossible_recipes_are_one_line_errors(tmp_path: Path, option: str, message: str) -> None:
     with pytest.raises(SystemExit, match=f"train.py: error: .*{message}"):
         train.main([*SMALL, f"--out_dir={tmp_path}", option])
+
+
+@pytest.mark.parametrize(("fp32_s", "bf16_s", "expected"), [(2.0, 1.0, "bf16"), (1.0, 0.95, "fp32")])
+def test_auto_dtype_takes_the_faster_one_and_the_run_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fp32_s: float, bf16_s: float, expected: str
+) -> None:
+    """--dtype=auto on a CPU resolves by the timed probe (bf16 only when >= 1.1x faster); the checkpoint and
+    config.json record the result, and a resumed run keeps it without probing again."""
+    calls = []
+    monkeypatch.setattr(train, "time_dtypes", lambda model, c: calls.append(1) or {"fp32": fp32_s, "bf16": bf16_s})
+    args = [a for a in SMALL if not a.startswith("--dtype")]
+    out = tmp_path / "run"
+    train.main([*args, "--dtype=auto", f"--tokens={6 * STEP_TOKENS}", f"--out_dir={out}", "--max_steps=3"])
+    assert json.loads((out / "config.json").read_text())["dtype"] == expected
+    assert checkpoint.read_checkpoint(str(out / "ckpt.pt"))["config"]["dtype"] == expected and calls == [1]
+    train.main([f"--resume={out / 'ckpt.pt'}"])
+    assert calls == [1] and json.loads((out / "config.json").read_text())["dtype"] == expected
+
+
+def test_dtype_probe_leaves_the_model_and_the_random_streams_alone() -> None:
+    vocab = mdm.Vocab(text=16, audio=8, image=8)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=1, n_heads=2, max_len=12), vocab)
+    x0 = vocab.to_global(torch.randint(16, (4, 12)), "text")
+    c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), vocab, mdm.Schedule(), generator=torch.Generator())
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    seconds = train.time_dtypes(model, c, repeats=1)
+    assert set(seconds) == {"fp32", "bf16"} and all(s > 0 for s in seconds.values())
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
