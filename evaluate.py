@@ -240,7 +240,10 @@ def digit_prompts(per_digit: int, transcripts: bool = False) -> tuple[list[str],
 
 
 def _cost(s: sample_lib.Sample) -> dict:
-    return {"nfe": s.nfe, "seconds_per_sample": s.seconds_per_sample}
+    """nfe: network passes of the batch; row_nfe: per row, the passes that carried it; tokens: positions per row."""
+    rows = s.ids.shape[0]
+    tokens = float((s.order >= 0).sum()) / rows
+    return {"nfe": s.nfe, "row_nfe": s.row_evals / rows, "tokens": tokens, "seconds_per_sample": s.seconds_per_sample}
 
 
 def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) -> dict:

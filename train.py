@@ -102,7 +102,7 @@ class TrainConfig:
     seed: int = 0  # seed of the initialization, the batches and the masks
     device: str = "auto"  # auto (cuda if visible), cpu or cuda
     dtype: str = "auto"  # auto (bf16 on cuda; on cpu whichever a timed probe finds faster), fp32 or bf16
-    compile: bool = False  # torch.compile each transformer block
+    compile: str = "auto"  # torch.compile each block: auto (on a GPU, if a compiler works), true or false
     fsdp: str = "auto"  # FSDP2 sharding: auto (large and xl with several processes), true or false
     log_every: int = 10  # steps between lines of metrics.jsonl
     eval_every: int = 250  # steps between validation NELBOs; 0 = only at the end of the horizon
@@ -216,6 +216,22 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.dtype not in ("auto", "fp32", "bf16"):
         raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg.dtype!r}")
     return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
+def use_compile(choice: str, device: torch.device) -> tuple[bool, str]:
+    """(compile the blocks?, why not, when asked): --compile=true, false or auto, which is on for a GPU only (on
+    a CPU the compiled blocks of these models ran no faster than eager: lab/BENCHMARKS.md). Compiling needs a
+    working toolchain (a C++ compiler; Triton on a GPU): a one-line function is compiled first, and without one
+    the run goes on eager, saying why."""
+    if choice not in ("auto", "true", "false"):
+        raise ValueError(f"--compile must be auto, true or false, got {choice!r}")
+    if choice == "false" or (choice == "auto" and device.type == "cpu"):
+        return False, ""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as e:  # whatever breaks the toolchain, the run is the same, eager
+        return False, f"--compile: eager, this machine cannot compile ({type(e).__name__}: {str(e).splitlines()[0]})"
+    return True, ""
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
@@ -425,7 +441,8 @@ def log_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, d: Dist, micro: int, fsdp: bool) -> str:
+def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, d: Dist, micro: int, fsdp: bool,
+                   compiled: bool) -> str:  # fmt: skip
     accum, rows, lay = cfg.batch_size // (micro * d.world), cfg.batch_size // (1 + cfg.anti_masking), data.layout
     lines = [
         model_summary(model),
@@ -434,7 +451,7 @@ def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, 
         f"batch: {cfg.batch_size} rows/step ({rows} sequences{' x2 by anti-masking' if cfg.anti_masking else ''}) "
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "
-        f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}, compiled blocks: {cfg.compile}",
+        f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}, compiled blocks: {compiled}",
         f"diffusion: schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, t in [{cfg.t_min}, {1 - cfg.t_min}]; "
         f"pair rows conditional with p = {cfg.cond_keep} (the media given in {cfg.cond_media} of them), "
         f"unconditional with p = {cfg.cond_drop}; media embeddings from codes: {cfg.code_init}",
@@ -493,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
         first = corrupt_batch(it.batch(0), data.vocab, cfg, 0).rows(slice(0, micro)).to(d.device)
         cfg, dtype_note = resolve_dtype(cfg, model, first, d)
         fsdp = use_fsdp(cfg.fsdp, cfg.preset, d)
-        net = wrap(model, d, fsdp, cfg.compile, bf16=d.device.type == "cuda" and uses_bf16(cfg, d.device))
+        compiled, compile_note = use_compile(cfg.compile, d.device)
+        net = wrap(model, d, fsdp, compiled, bf16=d.device.type == "cuda" and uses_bf16(cfg, d.device))
         # 4. optimizer, every setting from the SDE plan of this batch and horizon
         reference = sde_batch.Reference(cfg.base_batch or cfg.batch_size, cfg.base_tokens or cfg.tokens, cfg.settings())
         plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, data_cfg.seq_len, cfg.min_steps)
@@ -504,7 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(startup_report(cfg, data, model, plan, d, micro, fsdp) + f"\ndtype: {dtype_note}")
+        print(startup_report(cfg, data, model, plan, d, micro, fsdp, compiled) + f"\ndtype: {dtype_note}")
+        if compile_note:
+            print(compile_note)
         if resume:
             print(f"resumed from {resume} at step {step} ({tokens:,} tokens)")
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "data": asdict(data_cfg)}, indent=2))

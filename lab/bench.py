@@ -505,7 +505,7 @@ class Workload:
         if device.type == "cuda":
             self.attention_note = self.probe_flash()
         self.dist = Dist(0, 1, 0, device)
-        net = wrap(self.model, self.dist, fsdp=False, compile=cfg.compile)  # compiles each block in place
+        net = wrap(self.model, self.dist, fsdp=False, compile=cfg.compile == "true")  # compiles blocks in place
         self.net = NaiveNLL(self.model) if naive_logits else net
         settings = cfg.settings()
         groups = train.param_groups(self.model, cfg, settings)
@@ -617,7 +617,7 @@ def train_modes(opts: Options, shape: Shape) -> dict[str, dict]:
         modes = {"eager bf16": {"dtype": "bf16"}, "AR eager bf16": {"dtype": "bf16", "objective": "ar"}}
         modes["plain eager bf16"] = {"dtype": "bf16", "plain": True}
         if opts.use_compile:
-            modes["compile bf16"] = {"dtype": "bf16", "compile": True}
+            modes["compile bf16"] = {"dtype": "bf16", "compile": "true"}
         return modes
     modes = {"eager fp32": {"dtype": "fp32"}, "AR eager fp32": {"dtype": "fp32", "objective": "ar"}}
     modes["plain eager fp32"] = {"dtype": "fp32", "plain": True}
@@ -625,9 +625,9 @@ def train_modes(opts: Options, shape: Shape) -> dict[str, dict]:
     if native or (shape.name in ("small",) if opts.quick else shape.name in ("tiny", "plan1M")):
         modes["eager bf16"] = {"dtype": "bf16"}
     if opts.use_compile and shape.name in ("tiny", "plan1M", "plan6M", "small"):
-        modes["compile fp32"] = {"dtype": "fp32", "compile": True}
+        modes["compile fp32"] = {"dtype": "fp32", "compile": "true"}
         if native:
-            modes["compile bf16"] = {"dtype": "bf16", "compile": True}
+            modes["compile bf16"] = {"dtype": "bf16", "compile": "true"}
     return modes
 
 

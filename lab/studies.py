@@ -65,7 +65,7 @@ import train
 from checkpoint import Inference, load_for_inference
 from model import Denoiser
 
-STUDIES: tuple[str, ...] = ("schedules", "sde", "antimask", "scaling", "mixing", "inference")
+STUDIES: tuple[str, ...] = ("schedules", "sde", "antimask", "scaling", "mixing", "inference", "parallel")
 JUDGED_TASKS: tuple[str, ...] = ("t2i", "i2t", "s2t", "t2s")  # generation tasks with an offline judge
 PARTS: dict[str, tuple[str, str]] = {  # reported part -> (row task, modality inside the row)
     "text": ("text", "text"),
@@ -140,6 +140,8 @@ class Size:
     inference_steps: tuple[int, ...]
     inference_temperatures: tuple[float, ...]
     inference_guidance: tuple[float, ...]
+    # 7. parallel decoding: the threshold sampler's thresholds (on study 6's checkpoint)
+    parallel_thresholds: tuple[float, ...]
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -183,6 +185,7 @@ SIZES: dict[str, Size] = {
         inference_steps=(2, 4),
         inference_temperatures=(1.0,),
         inference_guidance=(0.0, 1.0),
+        parallel_thresholds=(0.5, 0.9),
     ),
     "quick": Size(
         name="quick",
@@ -209,6 +212,7 @@ SIZES: dict[str, Size] = {
         inference_steps=(8, 16, 32, 64),
         inference_temperatures=(0.0, 0.5, 1.0),
         inference_guidance=(0.0, 1.5),
+        parallel_thresholds=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
     ),
     "full": Size(
         name="full",
@@ -235,6 +239,7 @@ SIZES: dict[str, Size] = {
         inference_steps=(4, 8, 16, 32, 64, 128),
         inference_temperatures=(0.0, 0.5, 0.7, 1.0),
         inference_guidance=(0.0, 1.0, 2.0, 4.0),
+        parallel_thresholds=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
     ),
 }
 
@@ -454,7 +459,7 @@ def task_metric(
             extra = {}
         else:
             raise ValueError(f"no judge for task {task!r}; judged tasks are {JUDGED_TASKS}")
-        speed = {"nfe": r["nfe"], "seconds_per_sample": r["seconds_per_sample"]}
+        speed = {k: r[k] for k in ("nfe", "row_nfe", "tokens", "seconds_per_sample")}
         return {"accuracy": float(r["accuracy"]), **extra, **speed}
 
     return metric
@@ -1319,15 +1324,7 @@ def study_inference(ctx: Context) -> dict:
     The checkpoint is --checkpoint, or a run of the size's model trained here for inference_tokens.
     The seeds are the sampler's (one model): the spread is sampling noise, not training noise.
     """
-    size = ctx.size
-    if ctx.checkpoint:
-        ckpt = Path(ctx.checkpoint)
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"--checkpoint {ckpt} does not exist")
-    else:
-        spec = RunSpec("inference", "train", size.seeds[0], {"tokens": size.inference_tokens})
-        ctx.execute([spec])
-        ckpt = ctx.checkpoint_of(spec)
+    size, ckpt = ctx.size, inference_checkpoint(ctx)
     grid = {
         "sampler": list(size.inference_samplers),
         "steps": list(size.inference_steps),
@@ -1384,6 +1381,67 @@ def study_inference(ctx: Context) -> dict:
     return {"checkpoint": str(ckpt), "grid": grid, "best": best}
 
 
+def inference_checkpoint(ctx: Context) -> Path:
+    """--checkpoint, or the run of the size's model that study 6 trains (trained here if missing)."""
+    if ctx.checkpoint:
+        ckpt = Path(ctx.checkpoint)
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"--checkpoint {ckpt} does not exist")
+        return ckpt
+    spec = RunSpec("inference", "train", ctx.size.seeds[0], {"tokens": ctx.size.inference_tokens})
+    ctx.execute([spec])
+    return ctx.checkpoint_of(spec)
+
+
+def study_parallel(ctx: Context) -> dict:
+    """7. Parallel decoding: judged quality against network evaluations per task, for the threshold sampler
+    (``sample.threshold_step``) at each threshold, next to the task's step-by-step preset (``sample.PRESETS``).
+
+    The threshold runs keep the preset's temperature and guidance, with a cap of 64 steps that no row reaches.
+    Cost is per row: ``row_nfe`` counts the passes that carried a row (guidance: two per step), so the rows a
+    batch finished early do not count; ``tokens`` are the positions a row generated. The chosen threshold of a
+    task is the one with the fewest row NFE whose mean accuracy is within 1 point (0.01) of the preset's.
+    """
+    size, ckpt = ctx.size, inference_checkpoint(ctx)
+    preset = ctx.sweep("parallel", ckpt, {}, size.seeds, prefix="preset-")
+    grid = {"sampler": ["threshold"], "threshold": list(size.parallel_thresholds), "steps": [64]}
+    rows = ctx.sweep("parallel", ckpt, grid, size.seeds, prefix="threshold-")
+    fig, axes = new_figure(len(JUDGED_TASKS), width=4.0)
+    chosen: dict[str, dict] = {}
+    for ax, task in zip(axes, JUDGED_TASKS, strict=True):
+        base = [r["metrics"] for r in preset if r["task"] == task and r["id"].startswith("preset-")]
+        ref = {k: float(np.mean([m[k] for m in base])) for k in ("accuracy", "row_nfe", "tokens")}
+        points = []
+        mine = [r for r in rows if r["task"] == task and r["id"].startswith("threshold-")]
+        for tau, recs in sorted(by(mine, lambda r: r["sampler"]["threshold"]).items()):
+            acc, std = mean_std([r["metrics"]["accuracy"] for r in recs])
+            nfe = float(np.mean([r["metrics"]["row_nfe"] for r in recs]))
+            points.append({"threshold": tau, "accuracy": acc, "std": std, "row_nfe": nfe})
+        xs, ys, errs = ([p[k] for p in points] for k in ("row_nfe", "accuracy", "std"))
+        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label="threshold sampler")
+        for p in points:
+            ax.annotate(f"{p['threshold']:g}", (p["row_nfe"], p["accuracy"]), fontsize=6, xytext=(2, 2),
+                        textcoords="offset points")  # fmt: skip
+        ax.scatter([ref["row_nfe"]], [ref["accuracy"]], marker="*", s=80, color="C3", label="step-by-step preset")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("network evaluations per row (log)")
+        ax.set_ylabel("judged accuracy (validation)")
+        ax.set_title(f"{task} ({ref['tokens']:.0f} generated positions)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        good = [p for p in points if p["accuracy"] >= ref["accuracy"] - 0.01]
+        pick = min(good, key=lambda p: p["row_nfe"]) if good else max(points, key=lambda p: p["accuracy"])
+        chosen[task] = {**pick, "within_1_point": bool(good), "preset_accuracy": ref["accuracy"],
+                        "preset_row_nfe": ref["row_nfe"], "tokens": ref["tokens"],
+                        "tokens_per_nfe": ref["tokens"] / pick["row_nfe"]}  # fmt: skip
+    fig.suptitle(f"parallel decoding on {ckpt} (sampler {seeds_label(rows)}): quality against NFE", fontsize=9)
+    save_figure(fig, ctx.out / "parallel.png")
+    say("[parallel] chosen threshold per task (fewest row NFE within 1 point of the preset's accuracy):")
+    say(format_table([{"task": t, **c} for t, c in chosen.items()]))
+    return {"checkpoint": str(ckpt), "thresholds": list(size.parallel_thresholds), "chosen": chosen}
+
+
 RUNNERS: dict[str, Callable[[Context], dict]] = {
     "schedules": study_schedules,
     "sde": study_sde,
@@ -1391,6 +1449,7 @@ RUNNERS: dict[str, Callable[[Context], dict]] = {
     "scaling": study_scaling,
     "mixing": study_mixing,
     "inference": study_inference,
+    "parallel": study_parallel,
 }
 
 
@@ -1409,7 +1468,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="lab/studies", help="where <study>.jsonl, .png and _summary.json go")
     p.add_argument("--runs", default="runs/studies", help="where the training runs go")
     p.add_argument("--force", action="store_true", help="rerun runs whose results already exist")
-    p.add_argument("--checkpoint", default=None, help="inference study: sweep this checkpoint instead of training one")
+    p.add_argument("--checkpoint", default=None, help="inference, parallel: sweep this checkpoint, not a new run")
     return p.parse_args(argv)
 
 

@@ -221,7 +221,7 @@ def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
     )
     assert cfg.lr == 1e-3 and cfg.anti_masking is False and cfg.preset == "small" and cfg.batch_size == 32
     assert data_cfg.seq_len == 64 and data_cfg.audio_speeds == (0.9,) and resume == ""
-    assert train.parse_options(["--compile"])[0] == {"compile": True}, "a bare boolean flag is true"
+    assert train.parse_options(["--code_init"])[0] == {"code_init": True}, "a bare boolean flag is true"
     assert train.parse_options(["--text_files=a.txt,b.jsonl"])[0] == {"text_files": ("a.txt", "b.jsonl")}
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"lr": 5e-4, "seq_len": 128, "audio_speeds": [0.9, 1.1]}))

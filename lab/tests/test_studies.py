@@ -34,6 +34,8 @@ EXPECTED = {
         * len(SMOKE.inference_guidance)
         * N_SEEDS,
     ),
+    # the preset and each threshold, on study 6's checkpoint (its training run is recorded by study 6)
+    "parallel": (0, N_JUDGED * (1 + len(SMOKE.parallel_thresholds)) * N_SEEDS),
 }
 
 
@@ -191,6 +193,6 @@ def test_sweep_runs_a_grid_and_format_table_prints_it() -> None:
     assert [(r["steps"], r["sampler"]) for r in rows] == list(itertools.product([2, 8], sample.SAMPLERS))
     assert all(r["nfe"] == 2 * r["steps"] for r in rows)
     table = studies.format_table(rows).splitlines()
-    assert len(table) == 6 and table[0].startswith("| sampler | steps |") and table[0].endswith("| nfe |")
+    assert len(table) == 2 + len(rows) and table[0].startswith("| sampler | steps |") and table[0].endswith("| nfe |")
     with pytest.raises(ValueError, match="unknown SamplerConfig fields"):
         studies.sweep(lambda cfg: {}, {"stepz": [1]})
