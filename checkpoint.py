@@ -8,8 +8,7 @@
 3. The export (``export``): ``model.safetensors`` (the EMA weights by parameter name), a small
    ``config.json`` and the tokenizer files (README, "A trained model in ten lines").
 
-The audio codec is named by path; the checkpoint records its sha256, and a codec file with another
-hash is refused (it would give the model other tokens than it was trained on).
+The audio codec is named by path and refused unless its sha256 is the one the checkpoint recorded.
 """
 
 from __future__ import annotations

@@ -441,7 +441,7 @@ class TriModalData:
         return self.layout.vocab
 
     def code_vectors(self) -> dict[str, np.ndarray]:
-        """Per media modality, what each of its tokens stands for (``mdm.embed_codes``)."""
+        """Per media modality, what each of its tokens stands for (``model.embed_codes``)."""
         return {"image": self.image_tokenizer.code_vectors(), "audio": self.audio_codec.code_vectors()}
 
 

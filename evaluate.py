@@ -29,9 +29,8 @@ from checkpoint import load_for_inference
 from data import DIGIT_WORDS, resample
 from model import Denoiser
 
+
 # --- 1. Judges ------------------------------------------------------------------------------------
-
-
 class SpeechJudge:
     """Offline digit recognition with pocketsphinx and a one-word JSGF grammar.
 
@@ -112,7 +111,6 @@ class DigitImageJudge:
 
 
 # --- 2. Likelihood: per-modality NELBO in bits, with a standard error -----------------------------
-
 LN2 = math.log(2)
 
 
@@ -134,7 +132,6 @@ def nelbo_bits(
     split: str = "test",
     batches: int = 16,
     batch_size: int = 64,
-    schedule: str = "linear",
     seed: int = 0,
 ) -> dict[str, Estimate]:
     """NELBO per data token of each modality (and "all"), in bits, on ``task`` rows of a held-out split.
@@ -148,7 +145,6 @@ def nelbo_bits(
     is bits per UTF-8 byte of the text the rows hold (what compares across tokenizers).
     """
     it = data_lib.BatchIterator(data, split, batch_size, {task: 1.0}, seed=seed)
-    sched = mdm.Schedule.parse(schedule)
     device = next(model.parameters()).device
     sums, counts, per_byte = [], [], []
     with torch.no_grad():
@@ -158,7 +154,7 @@ def nelbo_bits(
                 c = mdm.next_token_batch(b.ids, b.pad, data.vocab)
             else:
                 g = torch.Generator().manual_seed(seed * 7919 + k)
-                c = mdm.corrupt(b.ids, b.pad, data.vocab, sched, stratified=True, generator=g)
+                c = mdm.corrupt(b.ids, b.pad, data.vocab, mdm.Schedule("linear"), stratified=True, generator=g)
             r = mdm.nelbo(model.nll_at, c.to(device), data.vocab)
             sums.append(r.modality_sums.cpu().double() / LN2)
             counts.append(r.modality_counts.cpu().double())
@@ -201,8 +197,6 @@ def likelihood_report(model: Denoiser, data: data_lib.TriModalData, split: str =
 
 
 # --- 3. Generation: each cross-modal task judged offline ------------------------------------------
-
-
 @dataclass
 class Judges:
     """The judges, trained on the training split of the data a model was trained on."""
@@ -265,17 +259,15 @@ def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, 
     return {"accuracy": accuracy, **_cost(s), "texts": texts, "labels": labels}
 
 
-def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0, speech_judge: bool = True) -> dict:
+def text_to_speech(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) -> dict:
     """Speak each digit word; pocketsphinx (digit grammar) must recognize it."""
     prompts, labels = digit_prompts(per_digit, transcripts=True)
     texts = [inf.text_tokenizer.encode(p) for p in prompts]
     _, s = sample_lib.generate(inf.model, inf.layout, "t2s", cfg, texts=texts, seed=seed)
     ids = np.stack([sample_lib.decode_media(r, inf.layout, "t2s") for r in s.ids])
     waves = list(inf.audio_codec.decode_batch(ids))
-    out = {**_cost(s), "waves": waves, "prompts": prompts}
-    if speech_judge:
-        out["accuracy"] = judges.speech.accuracy(waves, labels.tolist(), judges.sample_rate)
-    return out
+    accuracy = judges.speech.accuracy(waves, labels.tolist(), judges.sample_rate)
+    return {"accuracy": accuracy, **_cost(s), "waves": waves, "prompts": prompts}
 
 
 def text_sample_quality(
@@ -307,8 +299,6 @@ def text_sample_quality(
 
 
 # --- 4. Reports: JSON, a markdown table, sample grids, spectrograms and audio files ---------------
-
-
 def _plot_spectrograms(path: Path, waves: list[np.ndarray], labels: list[str], sample_rate: int) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global state, no backend switch
 
@@ -415,9 +405,12 @@ def markdown(res: dict) -> str:
     rows = [(f"{len(res['text_samples'])} samples", tg["samples"]), ("real test text", tg["real_test_text"])]
     header = ["unconditional text", "unigram entropy (bits)", "AR twin NLL (bits/token)"]
     lines += table(header, [[w, q["unigram_entropy_bits"], q.get("ar_bits_per_token", "(pass --ar)")] for w, q in rows])
-    settings = "{sampler}, {steps} steps, {schedule}, T={temperature}, guidance {guidance}"
-    rows = [[t, settings.format(**s[t]), m["nfe"], m["seconds_per_sample"]] for t, m in g.items()]
-    lines += table(["sampler per task", "settings", "NFE", "seconds per sample"], rows)
+    settings = "{sampler}{at}, {steps} steps, {schedule}, T={temperature}, guidance {guidance}"
+    at = {t: f" {s[t]['threshold']}" if s[t]["sampler"] == "threshold" else "" for t in g}
+    rows = [[t, settings.format(at=at[t], **s[t]), m["nfe"], m["row_nfe"], m["tokens"] / m["row_nfe"],
+             m["seconds_per_sample"]] for t, m in g.items()]  # fmt: skip
+    header = ["sampler per task", "settings", "NFE (batch)", "NFE per row", "tokens per row NFE", "s per sample"]
+    lines += table(header, rows)
     lines += ["", "Unconditional text samples:", ""] + [f"> {t[:300]!r}" for t in res["text_samples"][:4]]
     return "\n".join(lines) + "\n"
 

@@ -29,8 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_AUDIO_CODEC = ROOT / "assets" / "audio_codec.pt"
+DEFAULT_AUDIO_CODEC = Path(__file__).resolve().parent / "assets" / "audio_codec.pt"
 FORMAT_AUDIO = "trimodal-mdm/audio-codec/v1"
 FORMAT_IMAGE = "trimodal-mdm/image-autoencoder/v1"
 
@@ -82,7 +81,7 @@ class PixelTokenizer:
         return (ids[:, None] // self.levels ** np.arange(self.patch * self.patch)) % self.levels
 
     def code_vectors(self) -> np.ndarray:
-        """(vocab_size, patch * patch): what each token stands for, its pixels' gray levels (``mdm.embed_codes``)."""
+        """(vocab_size, patch * patch): what each token stands for, its pixels' gray levels (``model.embed_codes``)."""
         return self._levels(np.arange(self.vocab_size)).astype(np.float32)
 
     def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
@@ -94,9 +93,6 @@ class PixelTokenizer:
         a = np.asarray(img, dtype=np.float64) / 255.0
         a = 1.0 - a if a.mean() > 0.5 else a
         return np.rint(a * (self.in_levels - 1)).astype(np.int64)
-
-    def to_dict(self) -> dict:
-        return {"levels": self.levels, "patch": self.patch, "side": self.side, "in_levels": self.in_levels}
 
 
 # --- 2. Finite scalar quantization ----------------------------------------------------------------
@@ -152,7 +148,7 @@ class FSQ(nn.Module):
         return (digits.float() - self.half_width) / self.half_width
 
     def code_vectors(self) -> np.ndarray:
-        """(codebook_size, d): every token's code, what it stands for (``mdm.embed_codes`` starts from it)."""
+        """(codebook_size, d): every token's code, what it stands for (``model.embed_codes`` starts from it)."""
         return self.indices_to_codes(torch.arange(self.codebook_size, device=self.basis.device)).cpu().numpy()
 
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -405,9 +401,6 @@ class ImageAutoencoder(nn.Module):
         )  # fmt: skip
         self.vocab_size, self.tokens_per_image = self.fsq.codebook_size, cfg.tokens_per_image
         self.image_size = cfg.image_size
-
-    def code_vectors(self) -> np.ndarray:
-        return self.fsq.code_vectors()
 
     def forward(self, x: Tensor) -> Tensor:
         """Training pass: (N, C, S, S) in [0, 1] -> reconstructions in [0, 1] (straight-through FSQ)."""

@@ -182,7 +182,6 @@ def _check_modality(modality: str) -> str:
 
 
 def _check_range(ids: Tensor, lo: int, hi: int, message: str) -> None:
-    """Raise ValueError(message + the ids' range) unless every id lies in [lo, hi)."""
     if ids.numel() and (int(ids.min()) < lo or int(ids.max()) >= hi):
         raise ValueError(f"{message}; got range [{int(ids.min())}, {int(ids.max())}]")
 
@@ -202,9 +201,8 @@ class Schedule:
     w(t) = beta'(t)/beta(t) is the ELBO weight of the masked cross-entropy (``nelbo``); for the
     cosine schedule sin(x)/(1 - cos(x)) = cot(x/2) gives the stable form above. The paper's
     published summary reports a polynomial schedule as the best for generation quality. The
-    continuous-time NELBO of a fixed denoiser does not depend on the schedule (substitute
-    b = beta(t): integral of w(t) F(beta(t)) dt = integral of F(b)/b db); the variance of its
-    estimator does, and so does training.
+    continuous-time NELBO of a fixed denoiser does not depend on the schedule (``exact_nelbo``
+    shows why); the variance of its estimator does, and so does training.
     """
 
     kind: str = "linear"
@@ -272,7 +270,7 @@ def sample_times(
 
     Why clip at t_min: with w(t) ~ 1/t a single-token mask at small t is rare but weighted ~1/t, so
     the estimator's variance diverges logarithmically as t -> 0; the anti-masked copy has the same
-    divergence at t -> 1. Clipping estimates the NELBO restricted to [t_min, 1 - t_min] (``nelbo``
+    divergence at t -> 1. Clipping estimates the NELBO restricted to [t_min, 1 - t_min] (``corrupt``
     multiplies by the window length 1 - 2 t_min, the Jacobian of t(u)); the part left out is
     about t_min N E[-log p(x_i | x with one position masked)] at the low end and t_min times the
     all-masked cross-entropy at the high end, i.e. a relative error of order t_min.
@@ -518,18 +516,3 @@ def exact_nelbo(
     b = b_lo + (b_hi - b_lo) * (nodes + 1) / 2
     integrand = sum(math.comb(N, k) * A[k] * b ** (k - 1) * (1 - b) ** (N - k) for k in range(1, N + 1))
     return float((weights * integrand).sum() * (b_hi - b_lo) / 2)
-
-
-if __name__ == "__main__":
-    # A one-second tour: the forward process on the bytes of a sentence under three schedules.
-    vocab = Vocab(text=256, audio=64, image=17)
-    sentence = "Masked diffusion forgets a sentence one token at a time."
-    x0 = vocab.to_global(torch.tensor([list(sentence.encode())]), "text")
-    u = torch.rand(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    for sched in (Schedule("linear"), Schedule("cosine"), Schedule("poly", 2.0)):
-        print(f"schedule {sched}:")
-        for t in (0.1, 0.5, 0.9):
-            beta = sched.beta(torch.tensor([t], dtype=torch.float64))
-            masked = mask_positions(u, torch.ones_like(x0, dtype=torch.bool), beta)
-            shown = "".join("_" if m else chr(c) for m, c in zip(masked[0], sentence.encode(), strict=True))
-            print(f"  t={t:.1f} beta={float(beta):.2f}  {shown}")

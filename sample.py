@@ -492,12 +492,12 @@ class SamplerConfig:
         return asdict(self)
 
 
-PRESETS: dict[str, SamplerConfig] = {  # chosen on the validation split by the lab's study (lab/STUDIES.md)
+PRESETS: dict[str, SamplerConfig] = {  # chosen on the validation split by the lab's studies (lab/STUDIES.md)
     "text": SamplerConfig(sampler="ancestral", steps=96, temperature=0.8),
-    "t2i": SamplerConfig(sampler="ancestral", steps=32, temperature=0.5, guidance=1.5),
-    "i2t": SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
-    "t2s": SamplerConfig(sampler="confidence", steps=32, temperature=0.5, guidance=1.5),
-    "s2t": SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
+    "t2i": SamplerConfig(sampler="threshold", threshold=0.1, temperature=0.5, guidance=1.5),
+    "i2t": SamplerConfig(sampler="threshold", threshold=0.5, temperature=0.0),
+    "t2s": SamplerConfig(sampler="threshold", threshold=0.8, temperature=0.5, guidance=1.5),
+    "s2t": SamplerConfig(sampler="threshold", threshold=0.7, temperature=0.0),
 }
 
 

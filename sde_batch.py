@@ -52,18 +52,15 @@ Derivation (why these and not others)
    * eps is added to sqrt(v) ≈ σ / sqrt(B), which shrinks by sqrt(kappa): ε ↦ ε / sqrt(kappa) keeps
      ε / sqrt(v) fixed (equivalently Malladi et al.'s ε·η fixed).
    * weight decay. AdamW shrinks θ by (1 − η λ) per step, a decay of −log(1 − ηλ)/(B·L) ≈ ηλ/(B·L)
-     per token. With η ↦ sqrt(kappa) η and B ↦ kappa B, λ ↦ sqrt(kappa) λ keeps ηλ/(B·L) fixed.
-     What is held fixed: the product η·λ per token, i.e. the total shrink factor exp(−Σ_k η_k λ)
-     over any token interval, to first order in ηλ per step (one new step shrinks by 1 − kappa·ηλ,
-     kappa reference steps by (1 − ηλ)^kappa). Equivalently: the decay term −ηλθ per step is the
-     drift −(λ/η) θ dt in SDE time, and λ/η is fixed; or: the timescale of AdamW's implicit weight
-     average, B·L/(ηλ) tokens (Wang & Aitchison 2024), is fixed. An optimizer whose decay does not
-     multiply η (θ ← (1 − λ')θ) would need λ' ↦ kappa·λ' instead; this file scales PyTorch's λ.
+     per token. With η ↦ sqrt(kappa) η and B ↦ kappa B, λ ↦ sqrt(kappa) λ keeps ηλ/(B·L) fixed, and
+     with it the total shrink factor exp(−Σ_k η_k λ) over any token interval, to first order in ηλ
+     per step (one new step shrinks by 1 − kappa·ηλ, kappa reference steps by (1 − ηλ)^kappa); so
+     are λ/η (the drift −(λ/η) θ dt of the decay term −ηλθ in SDE time) and the timescale of AdamW's
+     implicit weight average, B·L/(ηλ) tokens (Wang & Aitchison 2024). An optimizer whose decay does
+     not multiply η (θ ← (1 − λ')θ) would need λ' ↦ kappa·λ' instead; this file scales PyTorch's λ.
    * weight EMA ρ (θ_ema ← ρ θ_ema + (1 − ρ) θ) is an EMA like β: ρ ↦ ρ^kappa.
    * warmup and decay. The SDE time per token is fixed, so a schedule is a function of tokens seen,
-     never of steps: ``lr_at`` is linear warmup over W tokens, then a cosine from lr down to
-     ``final_lr_frac``·lr at D tokens. A step covering tokens [τ, τ + B·L) uses the schedule at the
-     step's midpoint (``BatchPlan.lr_for_step``), the midpoint rule over the step.
+     never of steps (``lr_factor``), taken at each step's middle token (``BatchPlan.lr_for_step``).
 3. The horizon term is not from the SDE: per the readers' notes, the batch at which the reference
    settings are right grows with the horizon as B_log(D) = B_base (D / D_base)^gamma (gamma ≈ 0.44).
    A run at horizon D is the logical run at B_log(D), moved to physical batch B by (1)-(2) with
@@ -78,9 +75,7 @@ Derivation (why these and not others)
    in D, faster than the paper's sub-linear growth, so at horizons far beyond the one where S_crit
    was calibrated the check is lenient. ``DEFAULT_MIN_STEPS`` is our placeholder, not the paper's.
 
-Notebook 06 shows the rule at work: loss-versus-tokens curves of a toy regression trained at several
-batches collapse with the rule and do not without it (``lab/sde_toy.py`` is the same measurement,
-tested).
+Notebook 06 and ``lab/sde_toy.py`` (tested) put the rule to work on a toy regression at several batches.
 """
 
 from __future__ import annotations
@@ -94,14 +89,12 @@ DEFAULT_MIN_STEPS: int = 1000  # S_crit: our placeholder; calibrate it with a ba
 
 
 def _positive(name: str, value: float) -> float:
-    """``value`` if it is a finite real > 0, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
 
 
 def _positive_int(name: str, value: int) -> int:
-    """``value`` if it is an integer >= 1, else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
@@ -138,13 +131,11 @@ class OptimSettings:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))  # a list -> a tuple
-        for name, value in (("eps", self.eps), ("weight_decay", self.weight_decay)):
-            if not (math.isfinite(value) and value >= 0):
+        for name in ("eps", "weight_decay", "warmup_tokens"):
+            if not (math.isfinite(value := getattr(self, name)) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if self.ema is not None and not 0 <= self.ema < 1:
             raise ValueError(f"ema must be None (no EMA) or lie in [0, 1), got {self.ema!r}")
-        if not (math.isfinite(self.warmup_tokens) and self.warmup_tokens >= 0):
-            raise ValueError(f"warmup_tokens must be finite and >= 0, got {self.warmup_tokens!r}")
         if not 0 <= self.final_lr_frac <= 1:
             raise ValueError(f"final_lr_frac must lie in [0, 1], got {self.final_lr_frac!r}")
 
@@ -190,12 +181,8 @@ def logical_batch(tokens: float, base_batch: float, base_tokens: float, gamma: f
 
 
 def kappa_of(batch: float, tokens: float, base_batch: float, base_tokens: float, gamma: float = GAMMA) -> float:
-    """kappa = (B / B_base) · (D_base / D)^gamma, the SDE time-rescaling factor (= B / B_log(D))."""
-    _positive("batch (B)", batch)
-    _positive("tokens (D)", tokens)
-    _positive("base_batch (B_base)", base_batch)
-    _positive("base_tokens (D_base)", base_tokens)
-    return (batch / base_batch) * (base_tokens / tokens) ** _check_gamma(gamma)
+    """kappa = (B / B_base) · (D_base / D)^gamma = B / B_log(D), the SDE time-rescaling factor."""
+    return _positive("batch (B)", batch) / logical_batch(tokens, base_batch, base_tokens, gamma)
 
 
 def optimizer_steps(tokens: float, batch: int, seq_len: int) -> int:
@@ -325,22 +312,17 @@ class BatchPlan:
         lines += [f"{name:<{width}}  {a:<{ref_width}}  {b}" for name, a, b in [("", "reference", "this run"), *rows]]
         return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.describe()
+    __str__ = describe
 
 
 def plan(
     reference: Reference, batch: int, tokens: float, seq_len: int, min_steps: int = DEFAULT_MIN_STEPS
 ) -> BatchPlan:
     """Derive every setting of a run at physical batch B (sequences of L tokens) and horizon D tokens."""
-    _positive_int("batch (B)", batch)
-    _positive("tokens (D)", tokens)
-    _positive_int("seq_len (L)", seq_len)
-    _positive_int("min_steps (S_crit)", min_steps)
+    k = kappa_of(batch, tokens, reference.batch, reference.tokens, reference.gamma)  # checks B > 0 and D
     if (warmup := reference.settings.warmup_tokens) >= tokens:
         raise ValueError(f"warmup_tokens ({warmup:g}) must be shorter than the horizon D ({tokens:g})")
-    k = kappa_of(batch, tokens, reference.batch, reference.tokens, reference.gamma)
-    return BatchPlan(
+    return BatchPlan(  # optimizer_steps and critical_batch check that B, L and S_crit are positive ints
         reference=reference,
         batch=batch,
         seq_len=seq_len,

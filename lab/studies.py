@@ -212,7 +212,7 @@ SIZES: dict[str, Size] = {
         inference_steps=(8, 16, 32, 64),
         inference_temperatures=(0.0, 0.5, 1.0),
         inference_guidance=(0.0, 1.5),
-        parallel_thresholds=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+        parallel_thresholds=(0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
     ),
     "full": Size(
         name="full",
@@ -239,7 +239,7 @@ SIZES: dict[str, Size] = {
         inference_steps=(4, 8, 16, 32, 64, 128),
         inference_temperatures=(0.0, 0.5, 0.7, 1.0),
         inference_guidance=(0.0, 1.0, 2.0, 4.0),
-        parallel_thresholds=(0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
+        parallel_thresholds=(0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99),
     ),
 }
 
@@ -434,10 +434,19 @@ def format_table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-def study_sampler(size: Size, task: str) -> sample_lib.SamplerConfig:
+def study_sampler(size: Size, task: str, presets: Mapping[str, sample_lib.SamplerConfig] | None = None):
     """The sampler of the generation metrics: the task's preset, with ``size.gen_steps`` steps if set."""
-    preset = sample_lib.PRESETS[task]
-    return sample_lib.SamplerConfig(**{**preset.to_dict(), "steps": size.gen_steps or preset.steps})
+    preset = (presets or sample_lib.PRESETS)[task]
+    return dataclasses.replace(preset, steps=size.gen_steps or preset.steps)
+
+
+# Study 6's choice of a step-by-step sampler per judged task (lab/STUDIES.md): study 7's reference
+STEP_BY_STEP: dict[str, sample_lib.SamplerConfig] = {
+    "t2i": sample_lib.SamplerConfig(sampler="ancestral", steps=32, temperature=0.5, guidance=1.5),
+    "i2t": sample_lib.SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
+    "t2s": sample_lib.SamplerConfig(sampler="confidence", steps=32, temperature=0.5, guidance=1.5),
+    "s2t": sample_lib.SamplerConfig(sampler="confidence", steps=32, temperature=0.0),
+}
 
 
 def task_metric(
@@ -577,10 +586,12 @@ class Context:
         grid: Mapping[str, Sequence],
         seeds: Sequence[int],
         prefix: str = "",
+        presets: Mapping[str, sample_lib.SamplerConfig] | None = None,
     ) -> list[dict]:
         """``sample.sweep`` of ``grid`` for every judged task and sampler seed; one line per (task, config, seed).
 
-        Each task starts from its ``study_sampler``. A (task, seed) whose lines all exist is skipped.
+        Each task starts from its ``study_sampler`` (of ``presets``, default ``sample.PRESETS``). A (task, seed)
+        whose lines all exist is skipped.
         """
         results, size = self.results(study), self.size.name
         bundle: tuple | None = None
@@ -595,7 +606,8 @@ class Context:
                 cfg = inf.data_config
                 bundle = (inf, shared_data(cfg), shared_judges(cfg))
             t0 = time.perf_counter()
-            rows = sweep(task_metric(task, *bundle, self.size, seed), grid, study_sampler(self.size, task))
+            base = study_sampler(self.size, task, presets)
+            rows = sweep(task_metric(task, *bundle, self.size, seed), grid, base)
             for row in rows:
                 sampler = {k: row[k] for k in sample_lib.SamplerConfig().to_dict()}
                 metrics = {k: v for k, v in row.items() if k not in sampler}
@@ -1395,17 +1407,20 @@ def inference_checkpoint(ctx: Context) -> Path:
 
 def study_parallel(ctx: Context) -> dict:
     """7. Parallel decoding: judged quality against network evaluations per task, for the threshold sampler
-    (``sample.threshold_step``) at each threshold, next to the task's step-by-step preset (``sample.PRESETS``).
+    (``sample.threshold_step``) at each threshold, with and without guidance, next to the task's step-by-step
+    sampler (``STEP_BY_STEP``, study 6's choice).
 
-    The threshold runs keep the preset's temperature and guidance, with a cap of 64 steps that no row reaches.
-    Cost is per row: ``row_nfe`` counts the passes that carried a row (guidance: two per step), so the rows a
-    batch finished early do not count; ``tokens`` are the positions a row generated. The chosen threshold of a
-    task is the one with the fewest row NFE whose mean accuracy is within 1 point (0.01) of the preset's.
+    The threshold runs keep that sampler's temperature, with a cap of 64 steps that no row reaches; guidance is 0
+    or its weight (w != 0 doubles the passes of a step). Cost is per row: ``row_nfe`` counts the passes
+    that carried a row, so the rows a batch finished early do not count; ``tokens`` are the positions a row
+    generated. The chosen setting of a task is the one with the fewest row NFE whose mean accuracy is within
+    1 point (0.01) of the step-by-step sampler's.
     """
     size, ckpt = ctx.size, inference_checkpoint(ctx)
-    preset = ctx.sweep("parallel", ckpt, {}, size.seeds, prefix="preset-")
-    grid = {"sampler": ["threshold"], "threshold": list(size.parallel_thresholds), "steps": [64]}
-    rows = ctx.sweep("parallel", ckpt, grid, size.seeds, prefix="threshold-")
+    preset = ctx.sweep("parallel", ckpt, {}, size.seeds, prefix="preset-", presets=STEP_BY_STEP)
+    weights = sorted({0.0, *(STEP_BY_STEP[t].guidance for t in JUDGED_TASKS)})
+    grid = {"sampler": ["threshold"], "threshold": list(size.parallel_thresholds), "guidance": weights, "steps": [64]}
+    rows = ctx.sweep("parallel", ckpt, grid, size.seeds, prefix="threshold-", presets=STEP_BY_STEP)
     fig, axes = new_figure(len(JUDGED_TASKS), width=4.0)
     chosen: dict[str, dict] = {}
     for ax, task in zip(axes, JUDGED_TASKS, strict=True):
@@ -1413,33 +1428,37 @@ def study_parallel(ctx: Context) -> dict:
         ref = {k: float(np.mean([m[k] for m in base])) for k in ("accuracy", "row_nfe", "tokens")}
         points = []
         mine = [r for r in rows if r["task"] == task and r["id"].startswith("threshold-")]
-        for tau, recs in sorted(by(mine, lambda r: r["sampler"]["threshold"]).items()):
+        for (w, tau), recs in sorted(by(mine, lambda r: (r["sampler"]["guidance"], r["sampler"]["threshold"])).items()):
             acc, std = mean_std([r["metrics"]["accuracy"] for r in recs])
             nfe = float(np.mean([r["metrics"]["row_nfe"] for r in recs]))
-            points.append({"threshold": tau, "accuracy": acc, "std": std, "row_nfe": nfe})
-        xs, ys, errs = ([p[k] for p in points] for k in ("row_nfe", "accuracy", "std"))
-        ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label="threshold sampler")
-        for p in points:
-            ax.annotate(f"{p['threshold']:g}", (p["row_nfe"], p["accuracy"]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")  # fmt: skip
-        ax.scatter([ref["row_nfe"]], [ref["accuracy"]], marker="*", s=80, color="C3", label="step-by-step preset")
+            points.append({"threshold": tau, "guidance": w, "accuracy": acc, "std": std, "row_nfe": nfe})
+        for w in weights:
+            line = [p for p in points if p["guidance"] == w]
+            xs, ys, errs = ([p[k] for p in line] for k in ("row_nfe", "accuracy", "std"))
+            ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, label=f"threshold sampler, guidance {w:g}")
+            for p in line:
+                ax.annotate(f"{p['threshold']:g}", (p["row_nfe"], p["accuracy"]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")  # fmt: skip
+        ax.scatter([ref["row_nfe"]], [ref["accuracy"]], marker="*", s=80, color="C3", label="step-by-step sampler")
+        ax.axvline(ref["tokens"] / 3, color="gray", ls=":", lw=1, label="3 tokens per NFE")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1)
         ax.set_xlabel("network evaluations per row (log)")
         ax.set_ylabel("judged accuracy (validation)")
         ax.set_title(f"{task} ({ref['tokens']:.0f} generated positions)", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        good = [p for p in points if p["accuracy"] >= ref["accuracy"] - 0.01]
+        ax.legend(fontsize=6)
+        good = [p for p in points if p["accuracy"] >= ref["accuracy"] - 0.01 - 1e-9]
         pick = min(good, key=lambda p: p["row_nfe"]) if good else max(points, key=lambda p: p["accuracy"])
-        chosen[task] = {**pick, "within_1_point": bool(good), "preset_accuracy": ref["accuracy"],
-                        "preset_row_nfe": ref["row_nfe"], "tokens": ref["tokens"],
+        chosen[task] = {**pick, "within_1_point": bool(good), "step_accuracy": ref["accuracy"],
+                        "step_row_nfe": ref["row_nfe"], "tokens": ref["tokens"],
                         "tokens_per_nfe": ref["tokens"] / pick["row_nfe"]}  # fmt: skip
     fig.suptitle(f"parallel decoding on {ckpt} (sampler {seeds_label(rows)}): quality against NFE", fontsize=9)
     save_figure(fig, ctx.out / "parallel.png")
-    say("[parallel] chosen threshold per task (fewest row NFE within 1 point of the preset's accuracy):")
+    say("[parallel] chosen setting per task (fewest row NFE within 1 point of the step-by-step accuracy):")
     say(format_table([{"task": t, **c} for t, c in chosen.items()]))
-    return {"checkpoint": str(ckpt), "thresholds": list(size.parallel_thresholds), "chosen": chosen}
+    return {"checkpoint": str(ckpt), "thresholds": list(size.parallel_thresholds), "guidance": weights,
+            "chosen": chosen}  # fmt: skip
 
 
 RUNNERS: dict[str, Callable[[Context], dict]] = {

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sample
 import train
 from lab import studies
 
 SMOKE = studies.SIZES["smoke"]
 N_SEEDS = len(SMOKE.seeds)
 N_JUDGED = len(studies.JUDGED_TASKS)
+GUIDANCE = {0.0, *(c.guidance for c in studies.STEP_BY_STEP.values())}
 # lines each smoke study writes: (training runs, sampler-sweep rows)
 EXPECTED = {
     "schedules": (len(SMOKE.schedules) * N_SEEDS, len(SMOKE.schedules) * N_JUDGED * N_SEEDS),
@@ -34,8 +36,8 @@ EXPECTED = {
         * len(SMOKE.inference_guidance)
         * N_SEEDS,
     ),
-    # the preset and each threshold, on study 6's checkpoint (its training run is recorded by study 6)
-    "parallel": (0, N_JUDGED * (1 + len(SMOKE.parallel_thresholds)) * N_SEEDS),
+    # the preset and each (threshold, guidance 0 or the presets'), on study 6's checkpoint (which study 6 records)
+    "parallel": (0, N_JUDGED * (1 + len(SMOKE.parallel_thresholds) * len(GUIDANCE)) * N_SEEDS),
 }
 
 
@@ -187,8 +189,6 @@ def test_sizes_are_checked() -> None:
 
 
 def test_sweep_runs_a_grid_and_format_table_prints_it() -> None:
-    import sample
-
     rows = studies.sweep(lambda cfg: {"nfe": cfg.steps * 2}, {"steps": [2, 8], "sampler": list(sample.SAMPLERS)})
     assert [(r["steps"], r["sampler"]) for r in rows] == list(itertools.product([2, 8], sample.SAMPLERS))
     assert all(r["nfe"] == 2 * r["steps"] for r in rows)
