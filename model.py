@@ -98,8 +98,11 @@ class Attention(nn.Module):
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B,H,L,hd)
         q, k = apply_rotary(self.q_norm(q), rope), apply_rotary(self.k_norm(k), rope)
-        with torch.autocast(x.device.type, enabled=False):  # in fp32: a CPU's bf16 attention backward is slow
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal)  # (B,H,L,hd)
+        if x.device.type == "cpu":  # in fp32: a CPU's bf16 attention backward is slow
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal)
+        else:  # in v's dtype (bf16 under autocast, where flash attention applies); the norms return fp32
+            y = F.scaled_dot_product_attention(q.type_as(v), k.type_as(v), v, is_causal=self.causal)  # (B,H,L,hd)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 

@@ -684,7 +684,7 @@ def section_train(opts: Options, shapes: list[Shape], limits: dict[str, float]) 
             }
         )
         plain = f"plain {base}"
-        for m in [m for m in modes if m in (base, "compile fp32", "compile bf16")]:
+        for m in [m for m in modes if m in (base, "eager bf16", "compile fp32", "compile bf16")]:
             pairs = zip(runs[plain], runs[m], strict=True)  # > 1: the MDM step is faster than the plain one
             ratios_plain.append(
                 {
@@ -1147,12 +1147,18 @@ def evaluate_targets(results: dict) -> list[Target]:
         worst = max(ar, key=lambda r: r["ratio_paired"])
         text = ", ".join(f"{r['shape']} {r['ratio_paired']:.3f}" for r in ar)
         out.append(Target("MDM step <= 1.05 x AR step (paired ratio)", text, verdict(worst["ratio_paired"] <= 1.05)))
-    for mode, goal in (("eager", 1.0), ("compile", 1.1)):
-        vs = [r for r in tr.get("plain", []) if r["mode"].startswith(mode) and r["shape"] in ("plan1M", "plan6M")]
+    # train.py's default mode: on a GPU bf16, compiled; on a CPU eager, in bf16 where bf16 is native (--dtype=auto
+    # times both at start-up; bf16 won on every shape measured here where it is native)
+    machine = results.get("machine", {})
+    on_gpu, native = str(machine.get("device", "")).startswith("cuda"), machine.get("bf16_native")
+    default = "compile bf16" if on_gpu else "eager bf16" if native else "eager fp32"
+    for mode, goal in (("eager bf16" if on_gpu else "eager fp32", 1.0), (default, 1.1)):
+        vs = [r for r in tr.get("plain", []) if r["mode"] == mode and r["shape"] in ("plan1M", "plan6M")]
         if vs:
-            text = ", ".join(f"{r['shape']} {r['mode']} {r['speed_vs_plain']:.2f}x" for r in vs)
+            text = ", ".join(f"{r['shape']} {r['speed_vs_plain']:.2f}x" for r in vs)
             ok = min(r["speed_vs_plain"] for r in vs) >= goal
-            goal_text = f"MDM {mode} step >= {goal}x the plain transformer's (plan1M, plan6M)"
+            what = "" if mode != default else "train.py's default mode, "
+            goal_text = f"MDM {what}{mode} step >= {goal}x the plain transformer's eager step (plan1M, plan6M)"
             out.append(Target(goal_text, text, verdict(ok)))
     plan = [
         ("plan6M", "eager fp32", "tokens_per_s", 3400, "plan6M eager fp32 >= 3.4k tokens/s"),
@@ -1193,7 +1199,8 @@ def evaluate_targets(results: dict) -> list[Target]:
         out.append(
             Target("data loading < 5% of the step", text, verdict(max(r["data_share_of_step"] for r in split) < 0.05))
         )
-    samp = [r for r in results.get("sampling", {}).get("rows", []) if r["batch"] == 1]
+    # the threshold sampler reveals in every row at every step: nothing to skip, so not counted here
+    samp = [r for r in results.get("sampling", {}).get("rows", []) if r["batch"] == 1 and r["sampler"] != "threshold"]
     if samp:
         ok = [r for r in samp if r["nfe_ratio"] >= 2]
         same = all(r["identical"] for r in results["sampling"]["rows"])
@@ -1204,7 +1211,7 @@ def evaluate_targets(results: dict) -> list[Target]:
         )
         out.append(
             Target(
-                "caching >= 2x fewer NFE at the default steps, identical outputs",
+                "caching >= 2x fewer NFE at the default steps (grid samplers), identical outputs",
                 text,
                 verdict(len(ok) == len(samp) and same),
             )
