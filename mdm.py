@@ -9,7 +9,8 @@ in the order a reader needs it:
 1. ``Vocab``      the shared token space V = V_text ⊔ V_audio ⊔ V_image plus special tokens.
 2. ``Schedule``   noise schedules beta(t) with beta'(t) and the ELBO weight w(t) = beta'(t)/beta(t).
 3. forward process: ``sample_times``, ``mask_positions``, ``apply_mask``, ``corrupt`` (x_0 -> x_t),
-   with stratified t and anti-masking; conditional and unconditional rows.
+   with stratified t and anti-masking, or ``corrupt_by_count`` (the mask-count form); conditional and
+   unconditional rows.
 4. loss:          ``nelbo`` (the unbiased Monte-Carlo NELBO) and ``exact_nelbo`` (the same quantity
    by exact enumeration, for tiny problems: tests and notebook 03 use it).
 
@@ -381,6 +382,53 @@ def corrupt(
         weight = torch.cat([weight, window * schedule.complement_weight(t)])
         x0, maskable, t = torch.cat([x0, x0]), torch.cat([maskable, maskable]), torch.cat([t, t])
     return Corrupted(x0, apply_mask(x0, masked, vocab), masked, maskable, t, weight.to(x0.device))
+
+
+def corrupt_by_count(
+    x0: Tensor,
+    pad: Tensor,
+    vocab: Vocab,
+    exclude: Tensor | None = None,
+    *,
+    stratified: bool = True,
+    anti_masking: bool = False,
+    generator: torch.Generator | None = None,
+) -> Corrupted:
+    """The mask-count form of the NELBO: a mask of uniform size instead of a uniform time.
+
+    Grouping the linear schedule's integral by the mask size |I_t| = k, and using
+    int_0^1 (1/t) C(N, k) t^k (1 - t)^(N - k) dt = 1/k (every schedule gives the same NELBO: ``exact_nelbo``),
+
+        NELBO(x) = sum_{k=1..N} (1/k) E_{|M|=k} sum_{i in M} -log p(x_i | x_{-M}).
+
+    So k uniform on {1..N}, M a uniform k-subset (the k positions of smallest u_i) and the weight N/k give an
+    unbiased estimate (the lambda-DCE form of Ou et al. 2024) with weights bounded by N and no t near 0 to
+    clip. Per data token it is the mean cross-entropy over M: dividing by |M| is exact here, where |M| is
+    uniform, and biased in the time form, where |I_t| is binomial (``nelbo``).
+
+    Anti-masking: the second copy masks the N + 1 - k positions of largest u, weight N/(N + 1 - k). Its size
+    is uniform on {1..N} too (k -> N + 1 - k permutes {1..N}) and its positions are a uniform subset, so each
+    copy is unbiased on its own; the two share exactly one position, because the complement proper (size N - k)
+    is empty when k = N. exclude (B, L): positions left out of the draw and of N (the segments a conditional
+    row shows clean or an unconditional one hides: ``reveal_segments``, ``drop_segments``), so k counts the
+    generated part only. ``t`` records the mask ratio k/N; stratified: the rows' k/N spread evenly, as t.
+    """
+    vocab.check_ids(x0)
+    maskable = maskable_positions(x0, pad, vocab)
+    maskable = maskable if exclude is None else maskable & ~exclude
+    n = maskable.sum(-1)  # (B,) N per row
+    v = sample_times(x0.shape[0], 0.0, stratified, generator).to(x0.device)  # uniform on [0, 1)
+    k = torch.minimum((v * n).long() + 1, n.clamp_min(1))  # uniform on {1..N}
+    u = torch.rand(x0.shape, generator=generator, dtype=torch.float64).to(x0.device).masked_fill(~maskable, 2.0)
+    rank = u.argsort(-1).argsort(-1)  # (B, L) the place of u_i in its row, smallest first
+    n, k = n.double(), k.double()  # the weights in float64, as the time form's
+    masked, weight, ratio = maskable & (rank < k[:, None]), n / k, k / n.clamp_min(1)
+    if anti_masking:
+        masked = torch.cat([masked, maskable & (rank >= k[:, None] - 1)])
+        weight = torch.cat([weight, n / (n + 1 - k).clamp_min(1)])
+        ratio = torch.cat([ratio, (n + 1 - k) / n.clamp_min(1)])
+        x0, maskable = torch.cat([x0, x0]), torch.cat([maskable, maskable])
+    return Corrupted(x0, apply_mask(x0, masked, vocab), masked, maskable, ratio, weight)
 
 
 def next_token_batch(x0: Tensor, pad: Tensor, vocab: Vocab) -> Corrupted:

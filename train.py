@@ -75,6 +75,7 @@ class TrainConfig:
     mix_audio_text: float = 0.4  # share of audio-text rows
     # the diffusion objective
     schedule: str = "linear"  # the masking schedule beta(t): linear, cosine or poly<p> (mdm.Schedule)
+    estimator: str = "time"  # NELBO estimator: time (t ~ U, weight w(t)) or count (|mask| ~ U{1..N}, weight N/|mask|)
     anti_masking: bool = True  # every row twice per batch, with a mask and with its complement (mdm.corrupt)
     t_min: float = 1e-3  # t is drawn in [t_min, 1 - t_min] (mdm.sample_times)
     cond_keep: float = 0.7  # share of pair rows shown one segment clean: the conditional tasks
@@ -339,9 +340,13 @@ def corrupt_batch(batch: Batch, vocab: mdm.Vocab, cfg: TrainConfig, step: int) -
     The AR twin's "forward process" masks nothing (``mdm.next_token_batch``)."""
     if cfg.objective == "ar":
         return mdm.next_token_batch(batch.ids, batch.pad, vocab)
-    schedule = mdm.Schedule.parse(cfg.schedule)
     g = noise_generator(cfg.seed, step)
-    c = mdm.corrupt(batch.ids, batch.pad, vocab, schedule, t_min=cfg.t_min, anti_masking=cfg.anti_masking, generator=g)
+    if cfg.estimator == "count":  # the mask-count form: the given and hidden segments stay out of the draw
+        outside = batch.given | batch.hidden
+        c = mdm.corrupt_by_count(batch.ids, batch.pad, vocab, outside, anti_masking=cfg.anti_masking, generator=g)
+    else:
+        schedule, anti = mdm.Schedule.parse(cfg.schedule), cfg.anti_masking
+        c = mdm.corrupt(batch.ids, batch.pad, vocab, schedule, t_min=cfg.t_min, anti_masking=anti, generator=g)
     given, hidden = (torch.cat([m, m]) if cfg.anti_masking else m for m in (batch.given, batch.hidden))
     return mdm.drop_segments(mdm.reveal_segments(c, given), hidden, vocab)
 
@@ -452,7 +457,8 @@ def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, 
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "
         f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}, compiled blocks: {compiled}",
-        f"diffusion: schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, t in [{cfg.t_min}, {1 - cfg.t_min}]; "
+        f"diffusion: {cfg.estimator} estimator, schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, "
+        f"t in [{cfg.t_min}, {1 - cfg.t_min}]; "
         f"pair rows conditional with p = {cfg.cond_keep} (the media given in {cfg.cond_media} of them), "
         f"unconditional with p = {cfg.cond_drop}; media embeddings from codes: {cfg.code_init}",
         plan.describe(),
@@ -463,6 +469,8 @@ def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, 
 def validate(cfg: TrainConfig, d: Dist) -> int:
     """Check the batch arithmetic and the choices up front; return the micro-batch."""
     uses_bf16(cfg, d.device), use_fsdp(cfg.fsdp, cfg.preset, d)  # both check their option
+    if cfg.estimator not in ("time", "count"):
+        raise ValueError(f"--estimator must be time or count, got {cfg.estimator!r}")
     if cfg.anti_masking and cfg.batch_size % 2:
         raise ValueError(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if cfg.batch_size % d.world:

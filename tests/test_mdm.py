@@ -313,13 +313,20 @@ def _mc_nelbo(
     t_min: float,
     n: int,
     seed: int,
+    exclude: torch.Tensor | None = None,
 ):
-    """Mean and standard error of the per-sequence estimate L(x) (nats) over n draws."""
+    """Mean and standard error of the per-sequence estimate L(x) (nats) over n draws; with ``exclude``
+    (1, L), the mask-count form (``corrupt_by_count``) with those positions given."""
     g = torch.Generator().manual_seed(seed)
     rows, est = 2000, []
     for _ in range(n // rows):
         xb, pb = x.expand(rows, -1).clone(), pad.expand(rows, -1).clone()
-        c = mdm.corrupt(xb, pb, VOCAB, sched, t_min=t_min, anti_masking=anti, stratified=strat, generator=g)
+        if exclude is None:
+            c = mdm.corrupt(xb, pb, VOCAB, sched, t_min=t_min, anti_masking=anti, stratified=strat, generator=g)
+        else:
+            given = exclude.expand(rows, -1)
+            c = mdm.corrupt_by_count(xb, pb, VOCAB, given, anti_masking=anti, stratified=strat, generator=g)
+            c = mdm.reveal_segments(c, torch.cat([given, given]) if anti else given)
         r = mdm.nelbo(nll_fn, c, VOCAB)
         per_seq = r.per_row * c.maskable.sum(-1)
         if anti:  # a pair is one estimate: the mean of its two copies
@@ -381,6 +388,64 @@ def test_dividing_by_the_masked_count_is_biased() -> None:
     se_good, se_bad = good_t.std() / len(good_t) ** 0.5, bad_t.std() / len(bad_t) ** 0.5
     assert abs(good_t.mean() - exact_per_token) < 4.5 * se_good + 0.01 * exact_per_token
     assert abs(bad_t.mean() - exact_per_token) > 10 * se_bad, "the masked-count normalisation is biased"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(2, 3),
+    st.integers(1, 4),
+    st.integers(0, 2),
+    st.integers(0, 3),
+    st.booleans(),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_mask_count_nelbo_is_unbiased_with_nothing_clipped(V, N, n_pad, n_given, anti, strat, seed) -> None:
+    """E[(N/k) sum_{i in M} -log p(x_i | x_-M)] with k ~ U{1..N} is the whole NELBO (no t window), also for
+    a conditional row (the first ``n_given`` positions given, N counting the rest) and for both copies."""
+    n_given = min(n_given, N - 1)
+    oracle = Oracle(V, N, seed)
+    rng = np.random.default_rng(seed + 7)
+    x = torch.cat([torch.from_numpy(rng.integers(0, V, N)), torch.full((n_pad,), VOCAB.pad)])
+    pad = torch.arange(N + n_pad) >= N
+    given = torch.arange(N + n_pad) < n_given
+    exact = mdm.exact_nelbo(oracle, x, ~pad & ~given, VOCAB)  # -log p(rest | given) for the oracle
+    mean, se = _mc_nelbo(oracle, x[None], pad[None], Schedule(), anti, strat, 0.0, 40_000, seed, given[None])
+    assert abs(mean - exact) < 4.5 * se + 1e-9, (mean, exact, se)
+
+
+def test_mask_count_draws_uniform_sizes_and_the_second_copy_shares_one_position() -> None:
+    g = torch.Generator().manual_seed(0)
+    R, L = 30_000, 9
+    x0 = torch.randint(0, VOCAB.text, (R, L), generator=g)
+    pad = (torch.arange(L) >= 7).expand(R, -1)  # 7 data positions, one of them given: N = 6
+    given = (torch.arange(L) == 3).expand(R, -1)
+    c = mdm.corrupt_by_count(x0, pad, VOCAB, given, anti_masking=True, stratified=False, generator=g)
+    first, second, n = c.masked[:R], c.masked[R:], 6
+    assert not (c.masked & given.repeat(2, 1)).any() and (c.maskable.sum(-1) == n).all()
+    k = first.sum(-1)
+    assert ((k + second.sum(-1)) == n + 1).all(), "sizes k and N + 1 - k"
+    assert ((first & second).sum(-1) == 1).all() and ((first | second) == c.maskable[:R]).all()
+    counts = torch.bincount(k, minlength=n + 1)
+    assert counts[0] == 0 and (counts[1:] - R / n).abs().max() < 5 * math.sqrt(R / n), counts
+    rate = first.double().mean(0)[c.maskable[0]]  # every position equally likely: E[k]/N = (N + 1)/(2N)
+    assert (rate - (n + 1) / (2 * n)).abs().max() < 0.015, rate
+    assert torch.allclose(c.weight, torch.cat([n / k, n / (n + 1 - k)]).double())
+    strat = mdm.corrupt_by_count(x0[:600], pad[:600], VOCAB, given[:600], generator=g).masked.sum(-1)
+    assert (torch.bincount(strat, minlength=n + 1)[1:] - 100).abs().max() <= 1, "stratified: each size R/N times"
+
+
+def test_mask_count_per_token_loss_is_the_mean_cross_entropy_over_the_mask() -> None:
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, VOCAB.text, (64, 12), generator=g)
+    pad = torch.zeros_like(x0, dtype=torch.bool)
+    pad[:, 9:] = True
+    c = mdm.corrupt_by_count(x0, pad, VOCAB, generator=g)
+    nll = torch.rand(int(c.masked.sum()), generator=g, dtype=torch.float64)
+    r = mdm.nelbo(lambda x_t, x, where: nll, c, VOCAB)
+    rows = c.masked.nonzero()[:, 0]
+    mean_ce = torch.zeros(64, dtype=torch.float64).index_add_(0, rows, nll) / c.masked.sum(-1)
+    assert torch.allclose(r.per_row, mean_ce)
 
 
 # ----------------------------------------------------------------------------------------------

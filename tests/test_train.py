@@ -459,11 +459,33 @@ def test_a_checkpoint_with_a_pickled_program_is_refused_unrun(tmp_path: Path, mo
         ("--cond_media=1.5", r"cond_keep, cond_drop, cond_media \(0.7, 0.1, 1.5\) must be probabilities"),
         ("--cond_keep=0.95", r"cond_keep, cond_drop, cond_media \(0.95, 0.1, 0.5\) .* keep \+ drop <= 1"),
         ("--audio_speeds=0.9,3", r"speed factors must lie in \[0.5, 2.0\]"),
+        ("--estimator=counts", r"--estimator must be time or count, got 'counts'"),
     ],
 )
 def test_impossible_recipes_are_one_line_errors(tmp_path: Path, option: str, message: str) -> None:
     with pytest.raises(SystemExit, match=f"train.py: error: .*{message}"):
         train.main([*SMALL, f"--out_dir={tmp_path}", option])
+
+
+def test_the_mask_count_estimator_trains_and_keeps_given_and_hidden_segments_out_of_the_draw(tmp_path: Path) -> None:
+    train.main([*SMALL, "--estimator=count", f"--tokens={6 * STEP_TOKENS}", f"--out_dir={tmp_path}", "--eval_every=0"])
+    assert sorted(losses(tmp_path)) == list(range(1, 7)) and all(0 < v < 20 for v in losses(tmp_path).values())
+    v = mdm.Vocab(text=20, audio=8, image=8)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (8, 10), generator=g)
+    segment = torch.zeros(8, 10, dtype=torch.bool)
+    segment[:, 1:4] = True
+    none = torch.zeros_like(segment)
+    given, hidden = (
+        torch.where(torch.arange(8)[:, None] < 4, segment, none),
+        torch.where(torch.arange(8)[:, None] >= 4, segment, none),
+    )
+    batch = data.Batch(ids, none, torch.zeros(8, dtype=torch.long), v.modality_of(ids), given, hidden)
+    c = train.corrupt_batch(batch, v, train.TrainConfig(estimator="count"), step=0)
+    outside = torch.cat([segment, segment])
+    assert not (c.masked & outside).any() and (c.maskable == ~outside).all()
+    assert (c.masked.sum(-1)[:8] + c.masked.sum(-1)[8:] == 7 + 1).all()  # the anti-masked copy: N + 1 - k
+    assert (c.x_t[:4, 1:4] == ids[:4, 1:4]).all() and v.is_mask(c.x_t[4:8, 1:4]).all()  # given clean, hidden masked
 
 
 @pytest.mark.parametrize(("fp32_s", "bf16_s", "expected"), [(2.0, 1.0, "bf16"), (1.0, 0.95, "fp32")])

@@ -1,4 +1,4 @@
-"""Tests of the lab's diagnostics: the sampler-free digit probe."""
+"""Tests of the lab's diagnostics: the sampler-free digit probe, the estimators' gradient noise."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import data as data_lib
+import train
 from checkpoint import Inference
-from lab.diagnostics import digit_probe
+from lab.diagnostics import digit_probe, gradient_variance
+from model import Denoiser, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,16 @@ def test_digit_probe_reads_the_models_digit(tiny_data, task: str, template: str)
     pairs.labels = torch.full((40,), -1)
     with pytest.raises(ValueError, match="none of these"):
         digit_probe(inf, pairs, task, template)
+
+
+def test_both_estimators_estimate_the_same_loss_with_a_measured_gradient_noise(tiny_data) -> None:
+    torch.manual_seed(0)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=1, n_heads=2), tiny_data.vocab)
+    it = data_lib.BatchIterator(tiny_data, "train", 8, {"image_text": 1.0}, 0, 1.0, 0.0, 1.0)
+    results = {}
+    for estimator in ("time", "count"):
+        cfg = train.TrainConfig(estimator=estimator, cond_keep=1.0, cond_drop=0.0, cond_media=1.0)
+        results[estimator] = r = gradient_variance(model, it.batch(0), cfg, draws=48)
+        assert r["trace_cov"] > 0 and r["mean_sq_norm"] > 0 and r["loss_se"] > 0
+    a, b = results["time"], results["count"]  # two unbiased estimates of one NELBO (the time one on its window)
+    assert abs(a["loss"] - b["loss"]) < 4 * (a["loss_se"] ** 2 + b["loss_se"] ** 2) ** 0.5 + 0.01 * b["loss"]
