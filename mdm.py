@@ -492,13 +492,9 @@ class NELBO:
     modality_counts: Tensor
     per_row: Tensor
 
-    @property
-    def per_modality(self) -> dict[str, float]:
-        """{modality: nats per data token of that modality} (nan where the batch has none)."""
-        return per_modality(self.modality_sums, self.modality_counts)
-
 
 def per_modality(sums: Tensor, counts: Tensor) -> dict[str, float]:
+    """{modality: nats per data token of that modality} from ``NELBO.modality_sums`` and counts (nan: none)."""
     values = (sums.double() / counts.double()).tolist()
     return {m: (v if c > 0 else float("nan")) for m, v, c in zip(MODALITIES, values, counts.tolist(), strict=True)}
 

@@ -271,10 +271,6 @@ class BatchPlan:
         """Steps whose midpoint lies inside the warmup: ceil(W / (B·L) - 1/2)."""
         return max(0, math.ceil(self.settings.warmup_tokens / self.tokens_per_step - 0.5))
 
-    def lr_at(self, tokens_seen: float) -> float:
-        """The learning rate after ``tokens_seen`` tokens (module-level ``lr_at`` with this plan's settings)."""
-        return lr_at(tokens_seen, self.settings, self.tokens)
-
     def lr_for_step(self, step: int) -> float:
         """The learning rate of optimizer step ``step`` (0-based): the schedule at the step's middle token.
 
@@ -283,7 +279,7 @@ class BatchPlan:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
-        return self.lr_at((step + 0.5) * self.tokens_per_step)
+        return lr_at((step + 0.5) * self.tokens_per_step, self.settings, self.tokens)
 
     def describe(self) -> str:
         """A multi-line table of the reference and the derived settings (train.py prints it at start-up)."""

@@ -600,7 +600,7 @@ def test_per_modality_breakdown_sums_to_the_loss() -> None:
     c = mdm.corrupt(x0, torch.zeros_like(x0, dtype=torch.bool), VOCAB, Schedule("cosine"), generator=g)
     r = mdm.nelbo(_tiny_model().nll_at, c, VOCAB)
     assert abs(float(r.modality_sums.sum() / r.modality_counts.sum()) - r.loss.item()) < 1e-5
-    per = r.per_modality
+    per = mdm.per_modality(r.modality_sums, r.modality_counts)
     assert math.isnan(per["audio"]) and per["text"] > 0 and per["image"] > 0
     assert r.modality_counts.tolist() == [32, 0, 32]
 

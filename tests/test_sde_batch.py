@@ -221,7 +221,7 @@ def test_step_lrs_use_the_middle_token_of_each_step() -> None:
     p = _plan(64)
     tps = p.tokens_per_step
     assert p.lr_for_step(0) == pytest.approx(p.settings.lr * 0.5 * tps / p.settings.warmup_tokens)
-    assert p.lr_for_step(p.warmup_steps) == pytest.approx(p.lr_at((p.warmup_steps + 0.5) * tps))
+    assert p.lr_for_step(p.warmup_steps) == pytest.approx(sb.lr_at((p.warmup_steps + 0.5) * tps, p.settings, p.tokens))
     assert (p.warmup_steps - 0.5) * tps < p.settings.warmup_tokens <= (p.warmup_steps + 0.5) * tps
     assert p.lr_for_step(p.steps - 1) > p.settings.lr * p.settings.final_lr_frac
 
