@@ -63,10 +63,6 @@ class Template:
             value = torch.zeros_like(self.known, dtype=torch.bool) if value is None else value
             setattr(self, name, value[None] if value.dim() == 1 else value)
 
-    @property
-    def batch_size(self) -> int:
-        return self.ids.shape[0]
-
     def validate(self, vocab: Vocab) -> None:
         """Raise a clear ValueError unless this is a well-formed template over ``vocab``."""
         shape = tuple(self.ids.shape)
@@ -314,7 +310,6 @@ class Sample:
     order: Tensor
     nfe: int
     seconds: float
-    config: SamplerConfig
     row_evals: int = 0  # rows carried by the network passes (at most nfe x B)
 
     @property
@@ -419,7 +414,7 @@ def sample(
         x, x_prev = fill_after_end(x.masked_scatter(reveal, tokens), ends, vocab), x
         order[reveal | (x != x_prev)] = i  # revealed, or filled by the end-of-text rule
     assert not vocab.is_mask(x).any(), "sampling finished with MASK tokens left"  # the last step reveals all
-    return Sample(x.cpu(), order.cpu(), predictor.nfe, time.perf_counter() - start, cfg, predictor.row_evals)
+    return Sample(x.cpu(), order.cpu(), predictor.nfe, time.perf_counter() - start, predictor.row_evals)
 
 
 def generate(

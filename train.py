@@ -187,6 +187,8 @@ def parse_options(argv: list[str]) -> tuple[dict, str]:
             raw = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold one JSON object of options, not a {type(raw).__name__}")
         kinds = {f.name: f.type for cls in (TrainConfig, DataConfig) for f in fields(cls)}
         for key, value in raw.items():
             if key not in kinds:
@@ -542,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
     last_good = str(ckpt_path) if resume else "none yet"
     stop = plan.steps if not cfg.max_steps else min(plan.steps, step + cfg.max_steps)
     bar = tqdm(total=plan.steps, initial=step, disable=not d.main, unit="step", dynamic_ncols=True, file=sys.stdout)
-    t0, tokens0, val = time.perf_counter(), tokens, {}
+    t0, tokens0, val, tok_s = time.perf_counter(), tokens, {}, 0.0
     run_sums = torch.zeros(len(mdm.MODALITIES), dtype=torch.float64)  # the masked loss of each modality since
     run_counts = torch.zeros(len(mdm.MODALITIES), dtype=torch.long)  # the last log line, and its data tokens
     preempt, stopped_by, failure = Preemption(), None, None

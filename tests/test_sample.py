@@ -189,7 +189,7 @@ def test_a_batch_of_64_mixed_tasks() -> None:
     rows = [S.task_template(LAYOUT, "text", text=[1, 2]), S.task_template(LAYOUT, "t2i", text=[3, 4, 5])]
     rows += [S.task_template(LAYOUT, "i2t", media=list(range(9))), S.task_template(LAYOUT, "s2t", media=[0] * 6)]
     template = Template.cat([r.repeat(16) for r in rows])
-    assert template.batch_size == 64
+    assert template.ids.shape[0] == 64
     for sampler in S.SAMPLERS:
         result = S.sample(MODEL, template, SamplerConfig(sampler=sampler, steps=16), torch.Generator().manual_seed(0))
         check_finished(template, result)

@@ -65,6 +65,7 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
         assert a[step] == b[step], (step, a[step], b[step])
     ckpt = checkpoint.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 12 and ckpt["data"]["step"] == 12
+    assert train.main([f"--resume={part / 'ckpt.pt'}"])["step"] == 12, "resuming a finished run ends at once"
 
 
 def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
@@ -229,6 +230,9 @@ def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
     assert options == {"lr": 5e-4, "seq_len": 64, "audio_speeds": (0.9, 1.1)}, "the command line wins over the file"
     path.write_text(json.dumps({"lrr": 1}))
     with pytest.raises(ValueError, match="unknown option 'lrr'"):
+        train.parse_options([f"--config={path}"])
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold one JSON object of options, not a list"):
         train.parse_options([f"--config={path}"])
     d = Dist(0, 2, 0, torch.device("cpu"))
     with pytest.raises(ValueError, match="must be even"):
