@@ -190,8 +190,15 @@ class Denoiser(nn.Module):
         return self.final_norm(h)
 
     def modality_logits(self, h: Tensor, m: int) -> Tensor:
-        """(n, d) hidden states of positions of modality MODALITIES[m] -> (n, |slice_m|) logits."""
-        return h @ self.unembed.weight[self.slices[m]].T
+        """(n, d) hidden states of positions of modality MODALITIES[m] -> (n, |slice_m|) logits.
+
+        The rows are padded with zeros to a multiple of 256 and cut again: the number of masked positions
+        changes at every step, and a CPU's bf16 matmuls (oneDNN) keep one kernel per shape, a cache that
+        would otherwise grow with the steps.
+        """
+        n = h.shape[0]
+        h = torch.cat([h, h.new_zeros(-n % 256, h.shape[1])])
+        return (h @ self.unembed.weight[self.slices[m]].T)[:n]
 
     def nll_at(self, x_t: Tensor, x0: Tensor, where: Tensor) -> Tensor:
         """-log p_theta(x0_i | x_t) at the positions where (B, L) is True -> (n,), row-major.
