@@ -234,10 +234,13 @@ def digit_prompts(per_digit: int, transcripts: bool = False) -> tuple[list[str],
 
 
 def _cost(s: sample_lib.Sample) -> dict:
-    """nfe: network passes of the batch; row_nfe: per row, the passes that carried it; tokens: positions per row."""
+    """nfe: network passes of the batch; row_nfe: per row, the passes that carried it; tokens: positions a row
+    generated, and tokens_per_nfe their ratio."""
     rows = s.ids.shape[0]
     tokens = float((s.order >= 0).sum()) / rows
-    return {"nfe": s.nfe, "row_nfe": s.row_evals / rows, "tokens": tokens, "seconds_per_sample": s.seconds_per_sample}
+    row_nfe = s.row_evals / rows
+    cost = {"nfe": s.nfe, "row_nfe": row_nfe, "tokens": tokens, "tokens_per_nfe": tokens / max(row_nfe, 1e-9)}
+    return {**cost, "seconds_per_sample": s.seconds_per_sample}
 
 
 def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) -> dict:
@@ -407,8 +410,8 @@ def markdown(res: dict) -> str:
     lines += table(header, [[w, q["unigram_entropy_bits"], q.get("ar_bits_per_token", "(pass --ar)")] for w, q in rows])
     settings = "{sampler}{at}, {steps} steps, {schedule}, T={temperature}, guidance {guidance}"
     at = {t: f" {s[t]['threshold']}" if s[t]["sampler"] == "threshold" else "" for t in g}
-    rows = [[t, settings.format(at=at[t], **s[t]), m["nfe"], m["row_nfe"], m["tokens"] / m["row_nfe"],
-             m["seconds_per_sample"]] for t, m in g.items()]  # fmt: skip
+    cost = ("nfe", "row_nfe", "tokens_per_nfe", "seconds_per_sample")
+    rows = [[t, settings.format(at=at[t], **s[t]), *(m[k] for k in cost)] for t, m in g.items()]
     header = ["sampler per task", "settings", "NFE (batch)", "NFE per row", "tokens per row NFE", "s per sample"]
     lines += table(header, rows)
     lines += ["", "Unconditional text samples:", ""] + [f"> {t[:300]!r}" for t in res["text_samples"][:4]]

@@ -222,19 +222,19 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def use_compile(choice: str, device: torch.device) -> tuple[bool, str]:
-    """(compile the blocks?, why not, when asked): --compile=true, false or auto, which is on for a GPU only (on
-    a CPU the compiled blocks of these models ran no faster than eager: lab/BENCHMARKS.md). Compiling needs a
-    working toolchain (a C++ compiler; Triton on a GPU): a one-line function is compiled first, and without one
-    the run goes on eager, saying why."""
+    """--compile made concrete, and why: (compile the blocks?, a note). auto compiles on a GPU only (on a CPU,
+    lab/BENCHMARKS.md compares compiled and eager runs). Compiling needs a working toolchain (a C++ compiler;
+    Triton on a GPU): a one-line function is compiled first, and without one the run goes on eager."""
     if choice not in ("auto", "true", "false"):
         raise ValueError(f"--compile must be auto, true or false, got {choice!r}")
     if choice == "false" or (choice == "auto" and device.type == "cpu"):
-        return False, ""
+        return False, f"--compile={choice}: eager" + (" on a CPU" if choice == "auto" else "")
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
     except Exception as e:  # whatever breaks the toolchain, the run is the same, eager
-        return False, f"--compile: eager, this machine cannot compile ({type(e).__name__}: {str(e).splitlines()[0]})"
-    return True, ""
+        why = " ".join(str(e).split())[:200]  # one line
+        return False, f"--compile={choice}: eager, this machine cannot compile ({type(e).__name__}: {why})"
+    return True, f"--compile={choice}: compiled blocks"
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
@@ -448,8 +448,7 @@ def log_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, d: Dist, micro: int, fsdp: bool,
-                   compiled: bool) -> str:  # fmt: skip
+def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, d: Dist, micro: int, fsdp: bool) -> str:
     accum, rows, lay = cfg.batch_size // (micro * d.world), cfg.batch_size // (1 + cfg.anti_masking), data.layout
     lines = [
         model_summary(model),
@@ -458,7 +457,7 @@ def startup_report(cfg: TrainConfig, data: TriModalData, model: Denoiser, plan, 
         f"batch: {cfg.batch_size} rows/step ({rows} sequences{' x2 by anti-masking' if cfg.anti_masking else ''}) "
         f"= {plan.tokens_per_step:,} tokens/step; {d.world} process(es) x {micro} rows x {accum} accumulation step(s)",
         f"device: {d.device}, {'bf16 autocast' if uses_bf16(cfg, d.device) else 'fp32'}, "
-        f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}, compiled blocks: {compiled}",
+        f"{'FSDP2' if fsdp else 'DDP' if d.world > 1 else 'single process'}",
         f"diffusion: {cfg.estimator} estimator, schedule {cfg.schedule}, anti-masking {cfg.anti_masking}, "
         f"t in [{cfg.t_min}, {1 - cfg.t_min}]; "
         f"pair rows conditional with p = {cfg.cond_keep} (the media given in {cfg.cond_media} of them), "
@@ -532,9 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.out_dir)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(startup_report(cfg, data, model, plan, d, micro, fsdp, compiled) + f"\ndtype: {dtype_note}")
-        if compile_note:
-            print(compile_note)
+        print(startup_report(cfg, data, model, plan, d, micro, fsdp) + f"\ndtype: {dtype_note}")
+        print(f"compile: {compile_note}")
         if resume:
             print(f"resumed from {resume} at step {step} ({tokens:,} tokens)")
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "data": asdict(data_cfg)}, indent=2))

@@ -458,18 +458,15 @@ def task_metric(
     def metric(cfg: sample_lib.SamplerConfig) -> dict[str, float]:
         if task == "t2i":
             r = evaluate.text_to_image(inf, judges, cfg, size.per_digit, seed)
-            extra = {}
         elif task in ("i2t", "s2t"):
             pairs = images if task == "i2t" else clips
             r = evaluate.media_to_text(inf, pairs, task, cfg, seed, size.media_limit)
-            extra = {}
         elif task == "t2s":
             r = evaluate.text_to_speech(inf, judges, cfg, size.per_digit, seed)
-            extra = {}
         else:
             raise ValueError(f"no judge for task {task!r}; judged tasks are {JUDGED_TASKS}")
         speed = {k: r[k] for k in ("nfe", "row_nfe", "tokens", "seconds_per_sample")}
-        return {"accuracy": float(r["accuracy"]), **extra, **speed}
+        return {"accuracy": float(r["accuracy"]), **speed}
 
     return metric
 
