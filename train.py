@@ -69,10 +69,10 @@ class TrainConfig:
     # batch and horizon
     batch_size: int = 64  # B: rows per optimizer step over all processes (anti-masked copies included)
     micro_batch: int = 0  # rows per forward pass of one process; 0 = B / processes
-    tokens: float = 8e6  # D: the horizon in tokens (positions, padding included)
+    tokens: float = 2.4e7  # D: the horizon in tokens (positions, padding included)
     mix_text: float = 0.15  # share of text rows (the three shares are normalized to sum to 1)
-    mix_image_text: float = 0.45  # share of image-text rows
-    mix_audio_text: float = 0.4  # share of audio-text rows
+    mix_image_text: float = 0.55  # share of image-text rows
+    mix_audio_text: float = 0.3  # share of audio-text rows
     # the diffusion objective
     schedule: str = "linear"  # the masking schedule beta(t): linear, cosine or poly<p> (mdm.Schedule)
     estimator: str = "time"  # NELBO estimator: time (t ~ U, weight w(t)) or count (|mask| ~ U{1..N}, weight N/|mask|)

@@ -4,7 +4,8 @@ Each seed runs in a fresh process (``train.py --seed=S --out_dir=OUT/seed<S>`` p
 options given after ``--``), one after the other, so each has the machine to itself; its wall time
 includes start-up, data, training and the final report, and its peak memory is the process's peak
 RSS. The table (``OUT/seeds.md``, also printed) gives every seed, the mean and the worst (the lowest
-accuracy, the highest NELBO, the longest time, the largest peak).
+accuracy, the highest NELBO, the longest time, the largest peak). A seed already in ``OUT/seeds.json``
+with the same command is read back, so seeds can be added one at a time.
 
     python -m lab.seeds --seeds 0,1,2 --out runs/seeds
     python -m lab.seeds --seeds 0,1,2 --out runs/seeds_ar -- --objective=ar   # the AR twin's spread
@@ -88,12 +89,20 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     out = (ROOT / a.out) if not Path(a.out).is_absolute() else Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run_seed(int(s), out, extra) for s in a.seeds.split(",")]
     command = " ".join(["python train.py", *extra])
+    saved = out / "seeds.json"
+    done = {r["seed"]: r for r in json.loads(saved.read_text()) if r["command"] == command} if saved.exists() else {}
+    runs = []
+    for seed in map(int, a.seeds.split(",")):  # a seed already run with this command is read back, not rerun
+        if seed in done and (report := out / f"seed{seed}" / "report" / "report.json").exists():
+            runs.append({**done[seed], "report": json.loads(report.read_text())})
+        else:
+            runs.append({**run_seed(seed, out, extra), "command": command})
+            kept = [r for r in done.values() if r["seed"] not in {x["seed"] for x in runs}]
+            saved.write_text(json.dumps(kept + [{k: v for k, v in r.items() if k != "report"} for r in runs]))
     text = f"`{command}` on {cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n\n"
     text += table(runs) + "\n"
     (out / "seeds.md").write_text(text)
-    (out / "seeds.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "report"} for r in runs]))
     print(text)
 
 

@@ -14,6 +14,7 @@ import data as data_lib
 import mdm
 from lab import captioning, seeds
 
+
 @pytest.fixture(scope="module")
 def tiny_data() -> data_lib.TriModalData:
     return data_lib.build_data(data_lib.DataConfig(audio_speeds=()))
@@ -74,4 +75,4 @@ def test_the_seed_table_gives_the_mean_and_the_worst() -> None:
             for s, m, g, a, b in ((0, 10.0, 1.0, 0.9, 5.0), (1, 12.0, 1.5, 0.7, 6.0))]  # fmt: skip
     lines = seeds.table(runs).splitlines()
     assert lines[-2] == "| mean | 0.800 | 0.800 | 0.800 | 0.800 | 5.500 | 11.0 | 1.25 |"
-    assert lines[-1] == "| worst | 0.700 | 0.700 | 0.700 | 0.700 | 6.000 | 12.0 | 1.50 |"  # lowest accuracy, highest bits
+    assert lines[-1] == "| worst | 0.700 | 0.700 | 0.700 | 0.700 | 6.000 | 12.0 | 1.50 |"  # the lowest accuracy

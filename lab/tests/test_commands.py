@@ -19,7 +19,10 @@ def lab(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("tool", ["bench", "studies", "diagnostics", "tokenizers", "make_spoken_digits", "captioning", "seeds"])
+TOOLS = ["bench", "studies", "diagnostics", "tokenizers", "make_spoken_digits", "captioning", "seeds"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
 def test_every_lab_command_starts_and_explains_itself(tool: str) -> None:
     done = lab(f"lab.{tool}", "--help")
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
