@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lab.bench import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,16 +33,6 @@ COLUMNS = (
     ("t2s", ("generation", "t2s", "accuracy"), True),
     ("text NELBO (bits/token)", ("likelihood", "text_bits_per_token"), False),
 )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_seed(seed: int, out: Path, extra: list[str]) -> dict:
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append({**run_seed(seed, out, extra), "command": command})
             kept = [r for r in done.values() if r["seed"] not in {x["seed"] for x in runs}]
             saved.write_text(json.dumps(kept + [{k: v for k, v in r.items() if k != "report"} for r in runs]))
-    text = f"`{command}` on {cpu_name()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n\n"
+    text = f"`{command}` on {cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}\n\n"
     text += table(runs) + "\n"
     (out / "seeds.md").write_text(text)
     print(text)
