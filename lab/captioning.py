@@ -7,8 +7,10 @@ given) with the EMA weights that sampling uses. A variant is train.py options pl
 form, a patch of this process's data code (one template only; PAD positions not data). The figure
 is probe accuracy against training tokens, one line per variant.
 
-    python -m lab.captioning --out lab/studies/captioning            # every variant, seed 0
-    python -m lab.captioning --variants baseline,fixed_template --seeds 0,1
+    python -m lab.captioning --out lab/studies/captioning            # every variant, seed 0, 4M tokens
+    python -m lab.captioning --variants fixed_template,pad_not_data,pad_light,pad_shown_half --seeds 1
+    python -m lab.captioning --variants baseline --seeds 0,1 --tokens 8e6
+    python -m lab.captioning --variants image_shift --tokens 8e6
 """
 
 from __future__ import annotations
@@ -43,12 +45,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "pad_shown_half": ([], "pad_shown=0.5"),  # half the pair rows show their PAD_text clean (the text's length)
     "image_shift": ([], "image_shift"),  # captioning rows also see the training images moved by a pixel
     "pad_light": ([], "pad_weight=0.1"),  # PAD_text masked as before, its loss terms weighted 0.1
-    "pad_no_loss": ([], "pad_weight=0"),  # PAD_text masked as before, its loss terms dropped
     "captioning_heavy": (["--cond_media=0.85"], ""),  # 60% of rows captioning instead of 35%
     "conditional_heavy": (["--cond_keep=0.9", "--cond_drop=0.05"], ""),  # 90% of rows conditional, not 70%
     "wide_192": (["--d_model=192", "--n_heads=6"], ""),  # about 2.2x the body's compute per token
     "lr_3e-3": (["--lr=3e-3"], ""),
-    "batch_32": (["--batch_size=32"], ""),  # twice the steps at the same tokens (settings by the SDE rule)
     "count_estimator": (["--estimator=count"], ""),
     "lr_embed_10": (["--lr_embed=10"], ""),
     "no_code_init": (["--code_init=false"], ""),
