@@ -4,8 +4,7 @@ A sample starts from a *template*: a ``data.Layout`` row with the known tokens i
 a prompt, an image to caption) and MASK_m of its modality m at every position to generate. Time runs from t = 1
 (all unknown positions masked) to t = 0 in S steps; each step reveals some masked positions with tokens drawn
 from p_theta(x_0 | x_t), x_t the row at time t, and known or revealed tokens never change (carry-over). beta_t
-is the probability that a position is masked at time t (beta_1 = 1, beta_0 = 0); NFE counts network passes.
-"""
+is the probability that a position is masked at time t (beta_1 = 1, beta_0 = 0); NFE counts network passes."""
 
 from __future__ import annotations
 
@@ -42,14 +41,12 @@ GENERATION_TASKS: dict[str, tuple[str, str]] = {  # task -> (its row task, the s
 @dataclass
 class Template:
     """A batch of rows to complete: fields (B, L) (1-D: one row); the masks are bool, all False by default.
-
     ids:          known tokens in place; MASK_m at every position to generate (m: its modality).
     known:        the positions that are given and never change: exactly the non-MASK positions.
     cond:         the conditioning segment (within ``known``) that guidance's unconditional pass replaces by
                   MASK_m: a caption for t2i, an image for i2t, a prompt for text; never TASK, BOS or EOS.
     ends:         variable-length text slots (a pair's caption or transcript): ``fill_after_end`` applies.
-    content_only: only content tokens may go here (fixed-length media slots: a BOS_m or EOS_m is never data).
-    """
+    content_only: only content tokens may go here (fixed-length media slots: a BOS_m or EOS_m is never data)."""
 
     ids: Tensor
     known: Tensor
@@ -65,8 +62,7 @@ class Template:
 
     def validate(self, vocab: Vocab) -> None:
         """Raise a clear ValueError unless this is a well-formed template over ``vocab``."""
-        shape = tuple(self.ids.shape)
-        if len(shape) != 2:
+        if len(shape := tuple(self.ids.shape)) != 2:
             raise ValueError(f"template ids must be (B, L) or (L,); got shape {shape}")
         for name in ("known", "cond", "ends", "content_only"):
             if (t := getattr(self, name)).shape != shape or t.dtype != torch.bool:
@@ -102,10 +98,8 @@ def layout_template(layout: Layout, ids: Tensor, known: Tensor | None = None) ->
     (B, L) global ids, L = layout.seq_len, each row starting with a task token; unknown positions hold MASK_m.
     Pair rows (TASK BOS_m media EOS_m BOS_text text EOS_text PAD ...): ``cond`` = the known positions of both
     slots (a caption's EOS_text and PAD_text carry its length), ``ends`` = the text slot, ``content_only`` = the
-    media slot. Text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure).
-    """
-    v = layout.vocab
-    tpl = Template(ids, ~v.is_mask(ids) if known is None else known)
+    media slot. Text rows: ``cond`` = the known text content tokens (a prompt; BOS/EOS are structure)."""
+    v, tpl = layout.vocab, Template(ids, ~layout.vocab.is_mask(ids) if known is None else known)
     if tpl.ids.dim() != 2 or tpl.ids.shape[1] != layout.seq_len:
         raise ValueError(f"layout rows must have length seq_len = {layout.seq_len}; got shape {tuple(tpl.ids.shape)}")
     v.check_ids(tpl.ids)
@@ -125,8 +119,7 @@ def layout_template(layout: Layout, ids: Tensor, known: Tensor | None = None) ->
 
 def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
     """Unconditional text (empty prompt) or continuation of local text ids: TASK_text BOS_text prompt MASK ...
-    A window of the packed document stream: a second document may start; ``decode_text`` keeps the first.
-    """
+    A window of the packed document stream: a second document may start; ``decode_text`` keeps the first."""
     v, room = layout.vocab, prompt_capacity(layout, "text")  # the row after BOS_text
     if len(prompt) > room:
         raise ValueError(f"the prompt is {len(prompt)} tokens but a text row holds at most {room}; shorten it")
@@ -138,8 +131,7 @@ def text_template(layout: Layout, prompt: Sequence[int] = ()) -> Template:
 
 def task_template(layout: Layout, task: str, *, text: Sequence[int] = (), media: ArrayLike | None = None) -> Template:
     """One row of ``task`` from its condition (local text ids for text, t2i, t2s; local image / audio ids for
-    i2t, s2t), all MASK where it generates. Infilling is ``layout_template`` of a row with MASKs inside.
-    """
+    i2t, s2t), all MASK where it generates. Infilling is ``layout_template`` of a row with MASKs inside."""
     if task not in GENERATION_TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {tuple(GENERATION_TASKS)}")
     row_task, generated = GENERATION_TASKS[task]
@@ -170,34 +162,28 @@ def time_grid(steps: int) -> Tensor:
 
 def unmask_probability(beta_s: Tensor, beta_next: Tensor) -> Tensor:
     """P(a position masked at time s is revealed by time s' < s) = (beta_s - beta_s') / beta_s.
-
     Why: masks are nested (i is masked iff u_i < beta_t, one uniform u_i), so P(masked at s' | masked at s) =
-    beta_s' / beta_s, the probability that the reverse step keeps a masked position masked.
-    """
+    beta_s' / beta_s, the probability that the reverse step keeps a masked position masked."""
     return (beta_s - beta_next) / beta_s if beta_s > 0 else torch.ones((), dtype=torch.float64)
 
 
 def remaining_counts(n_start: Tensor, beta_next: Tensor) -> Tensor:
     """How many positions of each row stay masked after a confidence step: round(n_start * beta_s'), n_start (B,)
-    counting the positions to generate; n_start * beta_s' is the ancestral sampler's expected count (the same pace).
-    """
+    counting the positions to generate; n_start * beta_s' is the ancestral sampler's expected count (the same pace)."""
     return torch.round(n_start.double() * beta_next).long()
 
 
 def guided_logits(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     """Classifier-free guidance: logits_g = logits_u + (1 + w) (logits_c - logits_u).
-
     Equivalently logits_c + w (logits_c - logits_u): w = 0 is conditional sampling, w > 0 pushes away from the
     unconditional model (Ho & Salimans' w, LLaDA's cfg_scale). The -inf entries agree in both passes (masking keeps
-    each position's modality): computing on the finite ones only keeps them -inf, with no inf - inf = nan.
-    """
+    each position's modality): computing on the finite ones only keeps them -inf, with no inf - inf = nan."""
     finite = torch.isfinite(cond)
     return torch.where(finite, cond + w * torch.where(finite, cond - uncond, 0.0), cond)
 
 
 def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """(n, V) logits -> (n, V) float64 probabilities to draw from: temperature, then top-p.
-
     p_T(v) ~ exp(logit_v / T), T = 0 greedy; top-p keeps the fewest most probable tokens with mass >= ``top_p``,
     renormalised. In float64: a float32/bf16 softmax or Gumbel draw loses the tail, silently lowering the temperature.
     """
@@ -216,15 +202,13 @@ def token_distribution(logits: Tensor, temperature: float, top_p: float) -> Tens
 def draw_categorical(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row by inverse CDF: the v with F(v-1) <= u * F(V) < F(v), F the float64 CDF.
     probs (n, V) float64, u (n,) uniforms in [0, 1). A zero-probability token is never drawn (its CDF step is
-    empty); one uniform per position makes the noise a fixed function of the random stream.
-    """
+    empty); one uniform per position makes the noise a fixed function of the random stream."""
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True)[:, 0]
 
 
 def confidence(logits: Tensor, tokens: Tensor) -> Tensor:
     """The confidence of a drawn token: p_theta(x_i = x̂_i | x_t) at temperature 1 (LLaDA's "low_confidence").
-
     Of the *drawn* x̂_i (not the maximum unless T = 0), after guidance and the content-only restriction, before top-p.
     """
     return torch.softmax(logits.double(), dim=-1).gather(-1, tokens[:, None])[:, 0]
@@ -239,12 +223,10 @@ def top_k_per_row(candidates: Tensor, score: Tensor, k: Tensor) -> Tensor:
 
 def fill_after_end(x: Tensor, ends: Tensor, vocab: Vocab) -> Tensor:
     """The end-of-text rule of a variable-length text slot (a pair's caption or transcript).
-
     A training slot reads ``text EOS_text PAD_text ... PAD_text``: PAD after EOS is data. Rule: let j be the slot's
     first revealed EOS_text *or* PAD_text; every still masked slot position after j becomes PAD_text at once, those
     before j stay to be generated (they may end the text earlier; ``decode_text`` cuts at the first EOS/PAD). The
-    true conditionals put PAD after the end with probability 1: the rule removes a weak model's slips, saving steps.
-    """
+    true conditionals put PAD after the end with probability 1: the rule removes a weak model's slips, saving steps."""
     end = ends & ((x == vocab.eos("text")) | (x == vocab.pad))
     after = ends & (end.long().cumsum(1) > 0) & vocab.is_mask(x)
     return torch.where(after, torch.full_like(x, vocab.pad), x)
@@ -259,21 +241,17 @@ class DenoiserLike(Protocol):  # what the samplers need: ``model.Denoiser`` or a
 
 class Predictor:
     """p_theta(x_0 | x_t) at the masked positions as the samplers use it: guided, restricted, cached, counted.
-
     Guidance (w != 0) adds a pass with the conditioning segment masked; no BOS_m, EOS_m or PAD_text may go to
     ``content_only`` positions. Rows are independent given x_t, so the network sees only the rows that need it:
     rows with masked positions left and, with caching (MDLM's ddpm_cache, per row), only those that changed since
     the last call; the denoiser has no time input, so an unchanged row's last output is still exact. ``nfe``
-    counts network passes, ``row_evals`` the rows they carried.
-    """
+    counts network passes, ``row_evals`` the rows they carried."""
 
     def __init__(self, model: DenoiserLike, template: Template, guidance: float, cache: bool, device: torch.device):
-        v = model.vocab
-        self.model, self.guidance, self.cache, self.nfe, self.row_evals = model, guidance, cache, 0, 0
+        v, self.model, self.guidance, self.cache, self.nfe, self.row_evals = model.vocab, model, guidance, cache, 0, 0
         self.cond, self.content_only = template.cond.to(device), template.content_only.to(device)
-        self.mask_table = v.mask_table().to(device)
-        self.specials = torch.zeros(v.size, dtype=torch.bool, device=device)  # BOS_m, EOS_m, PAD_text
-        self.specials[[f(m) for m in MODALITIES for f in (v.bos, v.eos)] + [v.pad]] = True
+        self.mask_table, self.specials = v.mask_table().to(device), torch.zeros(v.size, dtype=torch.bool, device=device)
+        self.specials[[f(m) for m in MODALITIES for f in (v.bos, v.eos)] + [v.pad]] = True  # BOS_m, EOS_m, PAD_text
         self._x, self._masked, self._logits = None, None, None  # the cache: the last input and output
 
     def __call__(self, x: Tensor, masked: Tensor) -> Tensor:
@@ -291,11 +269,10 @@ class Predictor:
 
     def evaluate(self, x: Tensor, masked: Tensor, rows: Tensor) -> Tensor:
         """Guided, restricted logits of the rows ``rows`` (B,) bool selects, x and masked (b, L) those rows."""
-        logits = self.model(x, where=masked).float()
+        logits, passes = self.model(x, where=masked).float(), 1 if self.guidance == 0 else 2
         if self.guidance != 0:
             x_uncond = torch.where(self.cond[rows], self.mask_table[x], x)  # the conditioning segment -> MASK_m
             logits = guided_logits(logits, self.model(x_uncond, where=masked).float(), self.guidance)
-        passes = 1 if self.guidance == 0 else 2
         self.nfe, self.row_evals = self.nfe + passes, self.row_evals + passes * x.shape[0]
         return logits.masked_fill(self.content_only[rows][masked][:, None] & self.specials, -math.inf)
 
@@ -303,8 +280,7 @@ class Predictor:
 @dataclass
 class Sample:
     """The result of ``sample``: ids (B, L), no MASK left; order (B, L) the step that revealed each position
-    (-1: known; the end-of-text rule's fills get their end's step, 0 for an end in the template); nfe; seconds.
-    """
+    (-1: known; the end-of-text rule's fills get their end's step, 0 for an end in the template); nfe; seconds."""
 
     ids: Tensor
     order: Tensor
@@ -321,12 +297,10 @@ def ancestral_step(
     masked: Tensor, logits: Tensor, p_unmask: Tensor, u_reveal: Tensor, u_token: Tensor, cfg: SamplerConfig
 ) -> tuple[Tensor, Tensor]:
     """One step s -> s' of the exact reverse process: returns (reveal (B, L) bool, tokens (n_reveal,)).
-
     A masked position is revealed iff its u_reveal < p_unmask = (beta_s - beta_s')/beta_s, with a token drawn from
     p_theta(x_0 | x_t). Positions revealed in one step are drawn independently given x_t, the only approximation
     of few-step sampling: under the linear grid each of n positions is revealed at a uniformly random step, so
-    about C(n, 2)/S pairs share a step (the birthday problem) and the error vanishes only for S >> n^2/2, not S > n.
-    """
+    about C(n, 2)/S pairs share a step (the birthday problem) and the error vanishes only for S >> n^2/2, not S > n."""
     reveal = masked & (u_reveal < p_unmask)
     probs = token_distribution(logits[reveal[masked]], cfg.temperature, cfg.top_p)  # the revealed rows
     return reveal, draw_categorical(probs, u_token[reveal])
@@ -336,8 +310,7 @@ def confidence_step(
     masked: Tensor, logits: Tensor, n_keep: Tensor, u_token: Tensor, cfg: SamplerConfig
 ) -> tuple[Tensor, Tensor]:
     """One MaskGIT / LLaDA step (returns as ``ancestral_step``): draw a token at every masked position, keep the
-    most confident: row b keeps its (masked now) - n_keep_b draws of highest ``confidence`` (``remaining_counts``).
-    """
+    most confident: row b keeps its (masked now) - n_keep_b draws of highest ``confidence`` (``remaining_counts``)."""
     tokens = draw_categorical(token_distribution(logits, cfg.temperature, cfg.top_p), u_token[masked])
     score = torch.zeros_like(masked, dtype=torch.float64).masked_scatter(masked, confidence(logits, tokens))
     reveal = top_k_per_row(masked, score, (masked.sum(1) - n_keep).clamp_min(0))
@@ -350,8 +323,7 @@ def threshold_step(
     """One parallel-decoding step (Fast-dLLM's threshold rule; returns as ``ancestral_step``): draw a token at
     every masked position, keep each draw whose ``confidence`` is >= ``threshold`` and, in every row with masked
     positions, at least its most confident one. Confident positions barely depend on each other, so revealing
-    them together costs little; the number of steps adapts to the model's certainty instead of a fixed grid.
-    """
+    them together costs little; the number of steps adapts to the model's certainty instead of a fixed grid."""
     tokens = draw_categorical(token_distribution(logits, cfg.temperature, cfg.top_p), u_token[masked])
     score = torch.zeros_like(masked, dtype=torch.float64).masked_scatter(masked, confidence(logits, tokens))
     reveal = (masked & (score >= threshold)) | top_k_per_row(masked, score, masked.any(1).long())
@@ -365,8 +337,7 @@ def row_generators(generator: Generator | Sequence[Generator] | None, rows: int)
         if len(generator) != rows:
             raise ValueError(f"{len(generator)} generators for {rows} rows: give one per row")
         return list(generator)
-    seeds = torch.randint(2**62, (rows,), generator=generator)
-    return [Generator().manual_seed(int(s)) for s in seeds]
+    return [Generator().manual_seed(int(s)) for s in torch.randint(2**62, (rows,), generator=generator)]
 
 
 @torch.no_grad()  # not inference_mode: its tensors reject in-place edits later, a trap for users of ids
@@ -377,25 +348,20 @@ def sample(
     generator: Generator | Sequence[Generator] | None = None,
 ) -> Sample:
     """Complete every row of ``template`` with ``cfg``'s sampler. The loop, for steps i = 0 .. S-1:
-
     1. draw two float64 uniforms per position, u_reveal and u_token, from the row's own stream
        (``row_generators``), independent of the network and of caching, so cached and uncached runs agree and a
        row gets the same sample alone as in a batch (up to the network's float rounding at another batch size);
     2. reveal tokens drawn from the ``Predictor`` (``ancestral_step``, ``confidence_step``, ``threshold_step``),
-       then apply the end-of-text rule (``fill_after_end``). The last step reveals everything still masked.
-    """
+       then apply the end-of-text rule (``fill_after_end``). The last step reveals everything still masked."""
     cfg, vocab = cfg or SamplerConfig(), model.vocab
     template.validate(vocab)
     tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
     device = tensors[0].device if tensors else torch.device("cpu")
-    start = time.perf_counter()
-    ids, ends = template.ids.to(device), template.ends.to(device)
+    start, ids, ends = time.perf_counter(), template.ids.to(device), template.ends.to(device)
     x = fill_after_end(ids, ends, vocab)  # an end given in the template fills its slot at once
     order = torch.where(x != ids, 0, -1)
-    predictor = Predictor(model, template, cfg.guidance, cfg.cache, device)
-    n_start = vocab.is_mask(x).sum(1)
-    betas = Schedule.parse(cfg.schedule).beta(time_grid(cfg.steps))
-    streams = row_generators(generator, x.shape[0])
+    predictor, n_start = Predictor(model, template, cfg.guidance, cfg.cache, device), vocab.is_mask(x).sum(1)
+    betas, streams = Schedule.parse(cfg.schedule).beta(time_grid(cfg.steps)), row_generators(generator, x.shape[0])
     for i in range(cfg.steps):
         masked = vocab.is_mask(x)
         if not masked.any():
@@ -430,8 +396,7 @@ def generate(
 ) -> tuple[Template, Sample]:
     """``num`` samples of ``task`` for each condition, in one batch (rows grouped by condition). texts:
     local text ids of each prompt (text, t2i, t2s; default: one empty prompt); media: local image / audio ids of
-    each input (i2t, s2t). cfg defaults to the task's preset; same seed, same samples.
-    """
+    each input (i2t, s2t). cfg defaults to the task's preset; same seed, same samples."""
     key, conditions = ("media", media) if task in ("i2t", "s2t") else ("text", texts)
     rows = [task_template(layout, task, **{key: c}) for c in conditions]
     if not rows:
@@ -447,7 +412,6 @@ SAMPLERS: tuple[str, ...] = ("ancestral", "confidence", "threshold")
 @dataclass(frozen=True)
 class SamplerConfig:
     """Everything that decides how a template is completed (seeds aside).
-
     sampler:     "ancestral" (the exact reverse process), "confidence" (MaskGIT / LLaDA top-k) or "threshold"
                  (parallel decoding: every position at least ``threshold`` confident, >= 1 per row and step).
     steps:       S, the number of steps from t = 1 to t = 0 (for "threshold", the most steps: the last reveals all).
@@ -456,8 +420,7 @@ class SamplerConfig:
     temperature: T > 0 scales the logits by 1/T; T = 0 is greedy.
     top_p:       nucleus sampling mass in (0, 1]; 1 keeps every token.
     guidance:    classifier-free guidance w (``guided_logits``); w != 0 costs two network passes, not one.
-    cache:       reuse the denoiser's output while x_t does not change (identical results, fewer NFE).
-    """
+    cache:       reuse the denoiser's output while x_t does not change (identical results, fewer NFE)."""
 
     sampler: str = "ancestral"
     steps: int = 64
@@ -499,8 +462,7 @@ PRESETS: dict[str, SamplerConfig] = {  # chosen on the validation split by the l
 # --- 5. Outputs: decoding rows, text, image grids, WAV files --------------------------------------
 def decode_text(row: Tensor, layout: Layout, task: str, tokenizer: object) -> str:
     """The text of one row (a text row's first document, or a pair's text slot), cut at the first
-    EOS_text and, in a pair's slot, at the first PAD_text. ``tokenizer.decode(list[int]) -> str``.
-    """
+    EOS_text and, in a pair's slot, at the first PAD_text. ``tokenizer.decode(list[int]) -> str``."""
     v, row_task = layout.vocab, GENERATION_TASKS[task][0] if task in GENERATION_TASKS else task
     ids = row[layout.text_slot(row_task)]
     if row_task == "text":
@@ -549,12 +511,78 @@ def save_wavs(folder: Path, waves: Sequence[np.ndarray], sample_rate: int) -> li
     return paths
 
 
-# --- 6. The command line --------------------------------------------------------------------------
+# --- 6. Watching it denoise: a GIF frame per sampler step -----------------------------------------
+def reveal_frames(result: Sample, vocab: Vocab) -> Tensor:
+    """(S + 1, B, L), S the steps run: frame 0 the template, frame k the rows after step k (later reveals: MASK_m)."""
+    k = torch.arange(int(result.order.max()) + 2)[:, None, None]  # the last step run reveals the last MASK
+    return torch.where(result.order < k, result.ids, vocab.mask_table()[result.ids])
+
+
+def text_panel(x: Tensor, inf: Inference, task: str, font: object, width: int = 360) -> np.ndarray:
+    """A row's text slot on white, wrapped between tokens (newlines as spaces), each MASK_text a blue block, ending
+    as in ``decode_text`` at the first EOS_text (in a pair's slot, or PAD_text)."""
+    from PIL import Image, ImageDraw
+
+    v, row_task, px, py = inf.layout.vocab, GENERATION_TASKS[task][0], 4, 4
+    ids, start = x[inf.layout.text_slot(row_task)].tolist(), v.block_start("text")
+    end = next((i for i, g in enumerate(ids) if g == v.eos("text") or (g == v.pad and row_task != "text")), None)
+    draw = ImageDraw.Draw(image := Image.new("RGB", (width, 18 * len(ids) + 8), "white"))
+    for g in ids[:end]:
+        text = inf.text_tokenizer.decode([g - start]).replace("\n", " ") if start <= g < start + v.text else ""
+        w = 11 if g == v.mask("text") else font.getlength(text)  # BOS_text, PAD_text: no text
+        px, py = (4, py + 18) if px + w > width - 4 and px > 4 else (px, py)
+        draw.text((px, py), text, fill="black", font=font)
+        if g == v.mask("text"):
+            draw.rectangle((px + 2, py + 3, px + 8, py + 15), fill=(70, 110, 200))
+        px += w
+    return np.asarray(image)[: py + 22]
+
+
+def save_animations(out: Path, result: Sample, inf: Inference, task: str, seconds: float = 3.0) -> list[Path]:
+    """animation_000.gif, ...: a looping GIF per sample, frame k ``reveal_frames``' frame k and its number (a GIF merges
+    equal frames), shown seconds / S (at most 0.75 s; the last 2 s), in one palette (exact to 256 colours). text, i2t,
+    s2t: ``text_panel``, Pillow's default font (scaled from 10.1 on). t2i, t2s: the final image (a pixel ceil(128/side)
+    px wide) or clip's spectrogram (evaluate.py's, 80 dB; a partly masked clip has no audio), what is not yet revealed
+    blue (patches) or gray (its tokens' columns; they tile a clip evenly): revealed tokens never change."""
+    from matplotlib import colormaps, mlab
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(14) if hasattr(ImageFont, "load_default_imagefont") else ImageFont.load_default()
+    frames, tok, s = reveal_frames(result, inf.layout.vocab), inf.image_tokenizer, -(-128 // inf.image_tokenizer.side)
+    paths = [out / f"animation_{b:03d}.gif" for b in range(len(result.ids))]
+    for rows, final, path in zip(frames.unbind(1), result.ids, paths, strict=True):
+        if task in ("t2i", "t2s"):
+            shown = ~inf.layout.vocab.is_mask(rows[:, inf.layout.media_slot(GENERATION_TASKS[task][0])]).numpy()
+            if task == "t2i":
+                gray = tok.decode(decode_media(final, inf.layout, task)) * 255 // (tok.in_levels - 1)
+                full = np.kron(gray, np.ones((s, s), dtype=np.int64))[..., None].repeat(3, -1).astype(np.uint8)
+                shown = np.kron(shown.reshape(len(rows), tok.side // tok.patch, -1), np.ones((1, *[tok.patch * s] * 2)))
+            else:
+                wave = inf.audio_codec.decode(decode_media(final, inf.layout, task)).astype(np.float64)
+                db = 10 * np.log10(mlab.specgram(wave, NFFT=256, noverlap=192)[0][::-1] + 1e-20)
+                rgb = colormaps["magma"](np.clip((db - db.max()) / 80 + 1, 0, 1), bytes=True)[..., :3]
+                full = np.asarray(Image.fromarray(rgb).resize((8 * shown.shape[1], 128)))  # 8 px a token
+                shown = np.repeat(shown, 8, axis=1)[:, None, :]
+            panels = list(np.where(shown[..., None] > 0, full, np.uint8([70, 110, 200] if task == "t2i" else 128)))
+        else:
+            panels = [text_panel(x, inf, task, font) for x in rows]
+        h, steps = max(len(p) for p in panels) + 20, len(rows) - 1
+        images = [Image.fromarray(np.pad(p, ((0, h - len(p)), (0, 0), (0, 0)), constant_values=255)) for p in panels]
+        for k, image in enumerate(images):
+            ImageDraw.Draw(image).text((4, h - 17), f"step {k}/{steps}", fill=(90, 90, 90), font=font)
+        sheet = Image.fromarray(np.vstack(images)).quantize(dither=Image.Dither.NONE)  # exact up to 256 colours
+        images = [sheet.crop((0, k * h, sheet.width, k * h + h)) for k in range(len(images))]
+        ms = [min(750, max(20, round(seconds * 100 / max(1, steps)) * 10))] * steps + [2000]  # GIF delays: 10 ms units
+        images[0].save(path, save_all=True, append_images=images[1:], duration=ms, loop=0)
+    return paths
+
+
+# --- 7. The command line --------------------------------------------------------------------------
 USAGE_EXAMPLES = """examples:
   python sample.py --checkpoint runs/tiny/ckpt.pt --task text --prompt "The" --num 4
   python sample.py --checkpoint runs/tiny/ckpt.pt --task t2i --prompt "a handwritten seven" --num 16
   python sample.py --checkpoint runs/tiny/export --task i2t --image digit.png
-  python sample.py --checkpoint runs/tiny/ckpt.pt --task t2s --prompt "seven"
+  python sample.py --checkpoint runs/tiny/ckpt.pt --task t2s --prompt "seven" --animate
   python sample.py --checkpoint runs/tiny/ckpt.pt --task s2t --audio clip.wav
 """
 
@@ -588,6 +616,7 @@ def parser() -> ArgumentParser:
         if kind := {"int": int, "float": float, "str": str}.get(f.type):
             p.option(f.name, type=kind, help="sampler setting (default: the task's preset, sample.PRESETS)")
     p.option("no_cache", dest="cache", action="store_false", default=None, help="run the network at every step")
+    p.option("animate", action="store_true", help="also animation_000.gif, ...: a GIF per sample, a frame per step")
     return p
 
 
@@ -643,8 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         template, labels = cli_template(args, inf)
     except ValueError as e:
         fail(e)
-    result = sample(inf.model, template, cfg, Generator().manual_seed(args.seed))
-    out, task = Path(args.out), args.task
+    result, out, task = sample(inf.model, template, cfg, Generator().manual_seed(args.seed)), Path(args.out), args.task
     out.mkdir(parents=True, exist_ok=True)
     if GENERATION_TASKS[task][1] == "text":
         texts = [decode_text(row, inf.layout, task, inf.text_tokenizer) for row in result.ids]
@@ -659,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         waves = [inf.audio_codec.decode(decode_media(row, inf.layout, task)) for row in result.ids]
         files = save_wavs(out, waves, inf.audio_codec.sample_rate)
         extra = [{"file": path.name} for path in files]
+    files += save_animations(out, result, inf, task) if args.animate else []
     samples = [{"condition": label, **e} for label, e in zip(labels, extra, strict=True)]
     manifest = {"task": task, "checkpoint": args.checkpoint, "config": cfg.to_dict(), "seed": args.seed}
     manifest |= {"num_per_condition": args.num, "samples": samples, "files": [f.name for f in files], "nfe": result.nfe}

@@ -1,5 +1,6 @@
 """Tests of sample.py: the samplers' invariants, exactness of the ancestral sampler, caching, guidance,
-the end-of-text rule, the generation API, the outputs and the command line's handling of bad input.
+the end-of-text rule, the generation API, the outputs, the command line's handling of bad input and
+the animations of the reverse process.
 
 Two kinds of denoiser are used: a tiny randomly initialised ``Denoiser`` (its unembedding is
 randomised so that its predictions depend on x_t), and *oracles* whose predictions are known: a
@@ -22,6 +23,7 @@ import soundfile as sf
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image, ImageFont, ImageSequence
 from scipy.stats import chi2
 from torch import Tensor
 
@@ -655,8 +657,6 @@ def test_cli_writes_samples_and_a_manifest(task: str, tmp_path: Path, monkeypatc
     args = ["--task", task, "--checkpoint", "ckpt.pt", "--num", "2", "--steps", "6", "--out", str(tmp_path / "o")]
     if task in ("i2t", "s2t"):
         if task == "i2t":
-            from PIL import Image
-
             Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(tmp_path / "in.png")
             args += ["--image", str(tmp_path / "in.png")]
         else:
@@ -730,3 +730,72 @@ def test_cli_bad_input_files(tmp_path: Path, monkeypatch, capsys) -> None:
     one_line_error(code, err, "needs --prompt")
     code, _, err = run_cli(capsys, "--task", "text", "--checkpoint", "c.pt", "--top-p", "1.5")
     one_line_error(code, err, "top_p")
+
+
+# ----------------------------------------------------------------------------------------------
+# Watching it denoise: the frames of the reverse process, and their GIFs
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(general_templates(), configs, st.integers(0, 2**31))
+def test_reveal_frames_run_from_the_template_to_the_sample(template: Template, cfg: SamplerConfig, seed: int) -> None:
+    result = S.sample(MODEL, template, replace(cfg, cache=False), torch.Generator().manual_seed(seed))
+    frames = S.reveal_frames(result, VOCAB)
+    steps = result.nfe // (1 if cfg.guidance == 0 else 2)  # uncached: one network pass per step (guided: two)
+    given_end_fills_all = steps == 0 and len(frames) == 2  # the end-of-text rule completes the template at once
+    assert frames.shape[1:] == result.ids.shape and (len(frames) == steps + 1 or given_end_fills_all)
+    assert torch.equal(frames[0], template.ids), "frame 0 is the template"
+    assert torch.equal(frames[-1], result.ids), "the last frame is the sample"
+    shown = ~VOCAB.is_mask(frames)
+    assert (shown[1:] >= shown[:-1]).all(), "a revealed position stays revealed"
+    assert (frames[1:] == frames[:-1])[shown[:-1]].all(), "and keeps its token"
+
+
+def read_gif(path: Path) -> tuple[list[np.ndarray], list[int]]:
+    """The frames of a looping GIF as RGB arrays, and their durations in ms."""
+    with Image.open(path) as gif:
+        assert gif.info["loop"] == 0, "the animation loops"
+        frames = [(np.asarray(f.convert("RGB")).astype(int), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
+    return [f for f, _ in frames], [d for _, d in frames]
+
+
+@pytest.mark.parametrize("task", list(S.GENERATION_TASKS))
+def test_cli_animates_every_sample_a_frame_per_step(task: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    fake_checkpoint(monkeypatch)
+    results, real = [], S.sample
+    monkeypatch.setattr(S, "sample", lambda *a: results.append(real(*a)) or results[-1])
+    out, args = tmp_path / "o", ["--checkpoint", "c.pt", "--num", "2", "--steps", "8", "--no_cache", "--guidance", "0"]
+    if task == "i2t":
+        Image.fromarray((np.eye(8) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+        args += ["--image", str(tmp_path / "in.png")]
+    elif task == "s2t":
+        sf.write(tmp_path / "in.wav", np.random.default_rng(0).uniform(-1, 1, 16000), 16000)
+        args += ["--audio", str(tmp_path / "in.wav")]
+    elif task != "text":
+        args += ["--prompt", "seven"]
+    code, _, err = run_cli(capsys, "--task", task, *args, "--out", str(out), "--animate")
+    assert code == 0, err
+    (result,), manifest = results, json.loads((out / "manifest.json").read_text())
+    blue, tok = np.array([70, 110, 200]), PixelTokenizer(levels=17, side=3, patch=1)  # the fake's image tokenizer
+    for b, row in enumerate(result.ids):
+        assert f"animation_{b:03d}.gif" in manifest["files"]
+        frames, durations = read_gif(out / f"animation_{b:03d}.gif")
+        assert len(frames) == manifest["nfe"] + 1, "uncached and unguided, a network pass is a step: S + 1 frames"
+        assert 3000 <= sum(durations) <= 6000 and durations[-1] > max(durations[:-1]), "3-6 s, the last frame held"
+        first, last = frames[0][:-20], frames[-1][:-20]  # above the step number
+        if task == "t2i":  # a pixel is 43 x 43 px
+            assert (first == blue).all(), "frame 0: every patch masked"
+            image = np.kron(tok.decode(S.decode_media(row, LAYOUT, task)), np.ones((43, 43), dtype=int))[..., None]
+            assert np.array_equal(last, (image * 255 // 16).repeat(3, -1)), "the sample, in gray levels"
+        elif task == "t2s":
+            assert (first == 128).all(), "frame 0: every token's columns gray"
+            assert not (last == 128).all(axis=(0, 2)).any(), "the last frame: the whole spectrogram"
+        else:  # the text slot: all MASK blocks at first, then the text as ``text_panel`` draws the sample
+            generated = int((result.order[b, LAYOUT.text_slot(S.GENERATION_TASKS[task][0])] >= 0).sum())
+            assert (first == blue).all(-1).sum() == 7 * 13 * generated, "frame 0: a 7 x 13 px block per MASK"
+            assert not (first.max(-1) < 100).any(), "and no text yet"
+            inf = types.SimpleNamespace(layout=LAYOUT, text_tokenizer=FakeTokenizer())
+            panel = S.text_panel(row, inf, task, ImageFont.load_default(size=14))
+            assert np.array_equal(last[: len(panel)], panel) and (last[len(panel) :] == 255).all()
+            assert not (last == blue).all(-1).any(), "the last frame: no MASK left"
