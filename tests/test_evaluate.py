@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,51 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate.py: error: ") and "no checkpoint" in err and err.count("\n") == 1
+
+
+# The committed model (assets/tiny: the default run, seed 0) and the README's table of results
+ROOT = Path(__file__).resolve().parents[1]
+README_ROWS = {  # the README row's first words -> where report.json keeps the figure
+    "text-to-image": ("generation", "t2i", "accuracy"),
+    "captioning": ("generation", "i2t", "accuracy"),
+    "speech recognition": ("generation", "s2t", "accuracy"),
+    "text-to-speech": ("generation", "t2s", "accuracy"),
+    "text NELBO": ("likelihood", "text_bits_per_token"),
+}
+
+
+def readme_committed_column() -> dict[str, float]:
+    """The README Results table's column for the committed model, by row."""
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| ")]
+    header = next(line for line in lines if "`assets/tiny`" in line).split("|")
+    col = next(i for i, cell in enumerate(header) if "`assets/tiny`" in cell)
+    return {row: float(line.split("|")[col]) for line in lines for row in README_ROWS if line.startswith(f"| {row}")}
+
+
+def test_the_committed_model_samples_on_a_fresh_clone(tmp_path: Path) -> None:
+    import sample
+
+    out = tmp_path / "t2i"
+    sample.main(["--checkpoint", str(ROOT / "assets/tiny"), "--task", "t2i", "--prompt", "a handwritten seven",
+                 "--num", "8", "--out", str(out)])  # fmt: skip
+    images = np.load(out / "images.npy")
+    assert images.shape == (8, 8, 8) and (out / "grid.png").stat().st_size > 0
+    digits, labels = data_lib.digits_images()
+    train_rows = data_lib.split_indices(len(labels))["train"]
+    judge = evaluate.DigitImageJudge().fit(digits[train_rows], labels[train_rows])
+    assert (judge.predict(images) == 7).mean() >= 0.75  # the model draws the digit it is asked for
+
+
+def test_the_committed_models_report_matches_the_readme(tmp_path: Path) -> None:
+    """Re-evaluate assets/tiny and compare with the README's column. A CPU with other float kernels can flip a
+    sample drawn within rounding of a decision boundary, hence a tolerance of about two samples in a hundred."""
+    expected = readme_committed_column()
+    assert set(expected) == set(README_ROWS), expected
+    evaluate.main(["--checkpoint", str(ROOT / "assets/tiny"), "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "report.json").read_text())
+    for row, keys in README_ROWS.items():
+        value = res
+        for key in keys:
+            value = value[key]
+        value = float(str(value).split()[0])  # the NELBO is written "5.8820 ± 0.0508"
+        assert abs(value - expected[row]) <= (0.02 if keys[-1] == "accuracy" else 0.05), (row, value, expected[row])
