@@ -52,6 +52,8 @@ class PixelTokenizer:
             raise ValueError(f"the patch size {patch} must divide the image side {side}")
         if not 2 <= levels <= in_levels:
             raise ValueError(f"levels must lie in [2, {in_levels}], got {levels}")
+        if levels ** (patch * patch) > 2**63:  # the largest id must fit an int64 (it would wrap, silently)
+            raise ValueError(f"{levels} levels in {patch}x{patch} patches make {levels}^{patch * patch} ids: too many")
         self.levels, self.patch, self.side, self.in_levels = levels, patch, side, in_levels
         self.vocab_size, self.tokens_per_image = levels ** (patch * patch), (side // patch) ** 2
 

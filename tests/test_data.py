@@ -437,6 +437,12 @@ def test_bad_audio_folder(tmp_path: Path) -> None:
         data.read_audio_folder(empty, 16000)
 
 
+def test_patch_tokenizer_refuses_ids_that_do_not_fit_an_int64() -> None:
+    assert data.PixelTokenizer(levels=15, patch=4).vocab_size == 15**16  # < 2^63: ids still exact
+    with pytest.raises(ValueError, match="17\\^16 ids"):
+        data.PixelTokenizer(levels=17, patch=4)
+
+
 @pytest.mark.parametrize("levels,patch", [(4, 2), (17, 1), (3, 2)])
 def test_pixel_code_vectors_are_the_patches_gray_levels(levels: int, patch: int) -> None:
     tok = data.PixelTokenizer(levels=levels, patch=patch)
