@@ -13,6 +13,7 @@ import torch
 import data as data_lib
 import evaluate
 import mdm
+import sample
 import train
 from model import Denoiser, ModelConfig
 
@@ -142,8 +143,6 @@ def readme_committed_column() -> dict[str, float]:
 
 
 def test_the_committed_model_samples_on_a_fresh_clone(tmp_path: Path) -> None:
-    import sample
-
     out = tmp_path / "t2i"
     sample.main(["--checkpoint", str(ROOT / "assets/tiny"), "--task", "t2i", "--prompt", "a handwritten seven",
                  "--num", "8", "--out", str(out)])  # fmt: skip
