@@ -91,8 +91,7 @@ class TrainConfig:
     final_lr_frac: float = 0.1  # the cosine decay ends at this fraction of the peak lr
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = no clipping)
     ema: float = 0.995  # weight EMA factor per step (an average over ~1/(1 - ema) steps); 0 = off
-    lr_embed: float = 3.0  # lr multiplier of the token embedding
-    lr_unembed: float = 1.0  # lr multiplier of the unembedding
+    modules: str = ""  # changes to the per-module AdamW table MODULE_TABLE, e.g. embedding.lr=5,mlp_gate.eps=10
     depth_factor: float = 0.5  # lr multiplier of the last block; blocks in between interpolate geometrically
     # the SDE reference run (sde_batch.py)
     base_batch: int = 0  # B_base of the run these settings were tuned on; 0 = this run (kappa = 1)
@@ -276,34 +275,86 @@ def resolve_dtype(cfg: TrainConfig, model: Denoiser, c: mdm.Corrupted, d: Dist) 
     return replace(cfg, dtype=dtype), f"--dtype=auto: {dtype}, bf16 ran a step {t['fp32'] / t['bf16']:.2f}x as fast"
 
 
-# --- Optimizer: per-module parameter groups, and the weight EMA -----------------------------------
-def param_groups(model: Denoiser, cfg: TrainConfig, settings: sde_batch.OptimSettings) -> list[dict]:
-    """AdamW groups: embedding, unembedding, and per block its attention, MLP and norms.
+# --- Optimizer: the per-module AdamW table, its parameter groups, and the weight EMA -------------
+@dataclass(frozen=True)
+class ModuleSettings:
+    """A row of the per-module AdamW table: multipliers of the run's learning rate, weight decay and eps."""
 
-    Learning-rate multipliers (the paper's published summary: embedding and unembedding want much larger
-    effective learning rates, later blocks smaller updates): ``lr_embed`` for the embedding (its rows are
-    updated sparsely, by the tokens present), ``lr_unembed`` for the unembedding, depth_factor^(l/(n-1)) for
-    block l of n; a group's lr is its multiplier times the scheduled lr. Norm gains take no weight decay.
+    lr: float = 1.0
+    wd: float = 1.0
+    eps: float = 1.0
+
+
+# The paper's published summary: embedding and unembedding want much larger effective learning rates,
+# attention and the MLP gate more conservative ones with their own epsilon, later blocks smaller updates
+# (``depth_factor``). lab/STUDIES.md section 9 searches this table at the tiny size.
+MODULE_TABLE: dict[str, ModuleSettings] = {
+    "embedding": ModuleSettings(lr=3.0),  # its rows are updated sparsely, by the tokens present
+    "unembedding": ModuleSettings(),
+    "attn_qkv": ModuleSettings(),
+    "attn_out": ModuleSettings(),
+    "mlp_gate": ModuleSettings(),
+    "mlp_up": ModuleSettings(),
+    "mlp_down": ModuleSettings(),
+    "norms": ModuleSettings(wd=0.0),  # LayerNorm gains take no weight decay
+}
+KIND_OF = {"embed": "embedding", "unembed": "unembedding", "attn.qkv": "attn_qkv", "attn.out": "attn_out",
+           "mlp.gate": "mlp_gate", "mlp.up": "mlp_up", "mlp.down": "mlp_down"}  # fmt: skip
+
+
+def module_table(changes: str = "") -> dict[str, ModuleSettings]:
+    """MODULE_TABLE with ``--modules`` applied: comma-separated ``kind.lr|wd|eps=value``."""
+    table = dict(MODULE_TABLE)
+    for item in filter(None, (c.strip() for c in changes.split(","))):
+        key, _, value = item.partition("=")
+        kind, _, name = key.partition(".")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if kind not in table or name not in ("lr", "wd", "eps") or not 0 <= number < math.inf:
+            raise ValueError(f"--modules: {item!r} is not kind.lr|wd|eps=value (value >= 0; kinds {', '.join(table)})")
+        table[kind] = replace(table[kind], **{name: number})
+    return table
+
+
+def module_kind(name: str) -> str:
+    """The table's kind of a ``Denoiser`` parameter, from its name (``blocks.2.mlp.gate.weight`` -> mlp_gate)."""
+    if "norm" in name:
+        return "norms"
+    path = name.split(".")
+    return KIND_OF[".".join(path[2:-1] if path[0] == "blocks" else path[:-1])]
+
+
+def param_groups(model: Denoiser, cfg: TrainConfig, settings: sde_batch.OptimSettings) -> list[dict]:
+    """AdamW groups, one per module kind outside the blocks and per (block, kind) inside them.
+
+    For a row (lr, wd, eps) of the table and block l of n: lr multiplier lr · depth_factor^(l/(n-1)) (1
+    outside the blocks), weight decay wd · lambda, epsilon eps · epsilon. ``settings`` are the plan's,
+    already rescaled by the SDE rule (``sde_batch.rescale``), so the rule reaches every group:
+    epsilon_g = eps · epsilon_base / sqrt(kappa), lambda_g = wd · lambda_base · sqrt(kappa).
     """
-    n, wd = len(model.blocks), settings.weight_decay
-    groups = [
-        {"name": "embedding", "params": [model.embed.weight], "lr_mult": cfg.lr_embed, "weight_decay": wd},
-        {"name": "unembedding", "params": [model.unembed.weight], "lr_mult": cfg.lr_unembed, "weight_decay": wd},
-        {"name": "final_norm", "params": [model.final_norm.weight], "lr_mult": 1.0, "weight_decay": 0.0},
-    ]
-    for i, block in enumerate(model.blocks):
-        depth = cfg.depth_factor ** (i / max(1, n - 1))
-        norms = [p for name, p in block.named_parameters() if "norm" in name]
-        attention = [block.attn.qkv.weight, block.attn.out.weight]
-        groups += [
-            {"name": f"block{i}.attention", "params": attention, "lr_mult": depth, "weight_decay": wd},
-            {"name": f"block{i}.mlp", "params": list(block.mlp.parameters()), "lr_mult": depth, "weight_decay": wd},
-            {"name": f"block{i}.norms", "params": norms, "lr_mult": depth, "weight_decay": 0.0},
-        ]
-    seen = [id(p) for g in groups for p in g["params"]]
-    if sorted(seen) != sorted(id(p) for p in model.parameters()) or len(set(seen)) != len(seen):
-        raise AssertionError("parameter groups must cover every parameter exactly once")
-    return groups
+    table, n, groups = module_table(cfg.modules), len(model.blocks), {}
+    for name, p in model.named_parameters():
+        kind = module_kind(name)
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        key = kind if block is None else f"block{block}.{kind}"
+        if key not in groups:
+            row, depth = table[kind], 1.0 if block is None else cfg.depth_factor ** (block / max(1, n - 1))
+            groups[key] = {"name": key, "params": [], "lr_mult": row.lr * depth,
+                           "weight_decay": row.wd * settings.weight_decay, "eps": row.eps * settings.eps}  # fmt: skip
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def describe_table(cfg: TrainConfig, groups: list[dict]) -> str:
+    """The table as run: each kind's multipliers and its groups' learning-rate multipliers by block."""
+    lines = [f"per-module AdamW (multipliers of lr, weight decay, eps; depth factor {cfg.depth_factor}):"]
+    for kind, row in module_table(cfg.modules).items():
+        mults = [g["lr_mult"] for g in groups if g["name"].split(".")[-1] == kind]
+        lines.append(f"  {kind:<12s} lr x{row.lr:<6g} wd x{row.wd:<6g} eps x{row.eps:<6g} "
+                     f"group lr multipliers {' '.join(f'{m:.3g}' for m in mults)}")  # fmt: skip
+    return "\n".join(lines)
 
 
 class EMA:
@@ -472,6 +523,7 @@ def validate(cfg: TrainConfig, d: Dist) -> int:
     uses_bf16(cfg, d.device), use_fsdp(cfg.fsdp, cfg.preset, d)  # both check their option
     if cfg.estimator not in ("time", "count"):
         raise ValueError(f"--estimator must be time or count, got {cfg.estimator!r}")
+    module_table(cfg.modules)  # checks --modules
     if cfg.anti_masking and cfg.batch_size % 2:
         raise ValueError(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if cfg.batch_size % d.world:
@@ -524,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
         # 4. optimizer, every setting from the SDE plan of this batch and horizon
         reference = sde_batch.Reference(cfg.base_batch or cfg.batch_size, cfg.base_tokens or cfg.tokens, cfg.settings())
         plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, data_cfg.seq_len, cfg.min_steps)
-    s = plan.settings
+    s, table = plan.settings, {kind: asdict(row) for kind, row in module_table(cfg.modules).items()}
     opt = AdamW(param_groups(model, cfg, s), lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
     ema = EMA(model, s.ema)
     step, tokens = checkpoint.restore(ckpt, model, opt, ema, it) if ckpt is not None else (0, 0)
@@ -532,6 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         print(startup_report(cfg, data, model, plan, d, micro, fsdp) + f"\ndtype: {dtype_note}")
+        print(describe_table(cfg, opt.param_groups))
         print(f"compile: {compile_note}")
         if resume:
             print(f"resumed from {resume} at step {step} ({tokens:,} tokens)")
@@ -575,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
             val = validation(net, model, ema, data, cfg, d, {"step": step, "tokens": tokens})
         stopped_by = signal.Signals(preempt.received).name if preempt.requested(d) else None
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop or stopped_by:
-            run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world}
+            run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world, "module_table": table}
             if fsdp or d.main:
                 checkpoint.save_checkpoint(ckpt_path, run, data, model, opt, ema, it, d.rank, fsdp)
             if fsdp:

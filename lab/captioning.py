@@ -50,7 +50,7 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "wide_192": (["--d_model=192", "--n_heads=6"], ""),  # about 2.2x the body's compute per token
     "lr_3e-3": (["--lr=3e-3"], ""),
     "count_estimator": (["--estimator=count"], ""),
-    "lr_embed_10": (["--lr_embed=10"], ""),
+    "lr_embed_10": (["--modules=embedding.lr=10"], ""),
     "no_code_init": (["--code_init=false"], ""),
     "deep_narrow": (["--d_model=96", "--n_layers=8", "--n_heads=4"], ""),  # about the tiny body's compute
     "wide_shallow": (["--d_model=184", "--n_layers=2", "--n_heads=4"], ""),

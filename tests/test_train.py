@@ -18,6 +18,7 @@ import torch
 import checkpoint
 import data
 import mdm
+import sde_batch
 import train
 from distributed import Dist
 from model import Denoiser, ModelConfig, embed_codes
@@ -51,10 +52,11 @@ def vals(out: Path) -> list[dict]:
     return [json.loads(line)["val"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
 
 
-def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
+def test_killed_run_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     horizon = f"--tokens={12 * STEP_TOKENS}"
     whole, part = tmp_path / "whole", tmp_path / "part"
     train.main([*SMALL, horizon, f"--out_dir={whole}", "--eval_every=0"])
+    assert re.search(r"per-module AdamW .*\n  embedding +lr x3 +wd x1 +eps x1", capsys.readouterr().out)
     # "Kill" after 5 steps (the checkpoint of step 5 is the last thing written), then resume.
     train.main([*SMALL, horizon, f"--out_dir={part}", "--eval_every=0", "--max_steps=5"])
     assert max(losses(part)) == 5
@@ -65,6 +67,8 @@ def test_killed_run_resumes_exactly(tmp_path: Path) -> None:
         assert a[step] == b[step], (step, a[step], b[step])
     ckpt = checkpoint.read_checkpoint(part / "ckpt.pt")
     assert ckpt["step"] == 12 and ckpt["data"]["step"] == 12
+    assert ckpt["module_table"]["embedding"] == {"lr": 3.0, "wd": 1.0, "eps": 1.0}, "the table is saved"
+    assert {g["name"]: g["lr_mult"] for g in ckpt["optimizer"]["groups"]}["block1.attn_qkv"] == 0.5
     assert train.main([f"--resume={part / 'ckpt.pt'}"])["step"] == 12, "resuming a finished run ends at once"
 
 
@@ -270,14 +274,43 @@ def test_help_prints_every_option_with_its_default_and_comment() -> None:
             assert f"--{f.name}" in text and "".join(f"{helps[f.name]} (default: {f.default})".split()) in text, f.name
 
 
-def test_parameter_groups_cover_the_model_with_depth_factors() -> None:
+def test_every_parameter_is_in_exactly_one_group_with_its_rows_settings_and_depth_factor() -> None:
     vocab = mdm.Vocab(text=50, audio=20, image=17)
     model = Denoiser(ModelConfig(d_model=32, n_layers=3, n_heads=2), vocab)
-    cfg = train.TrainConfig(depth_factor=0.25, lr_embed=4.0)
-    groups = {g["name"]: g for g in train.param_groups(model, cfg, cfg.settings())}
-    assert groups["embedding"]["lr_mult"] == 4.0
-    assert [groups[f"block{i}.mlp"]["lr_mult"] for i in range(3)] == [1.0, 0.5, 0.25]
-    assert groups["block1.norms"]["weight_decay"] == 0.0 and groups["block1.mlp"]["weight_decay"] == 0.1
+    cfg = train.TrainConfig(depth_factor=0.25, modules="embedding.lr=4,mlp_gate.eps=10,attn_out.wd=0.5")
+    groups = train.param_groups(model, cfg, cfg.settings())
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    named = {g["name"]: g for g in groups}
+    assert len(named) == 2 + 1 + 3 * 6, "embedding, unembedding, the final norm; six kinds in each block"
+    assert named["embedding"]["lr_mult"] == 4.0 and named["unembedding"]["lr_mult"] == 1.0
+    assert [named[f"block{i}.mlp_up"]["lr_mult"] for i in range(3)] == [1.0, 0.5, 0.25]
+    assert named["block1.mlp_gate"]["eps"] == pytest.approx(1e-7) and named["block1.mlp_up"]["eps"] == 1e-8
+    assert named["block2.attn_out"]["weight_decay"] == pytest.approx(0.05)
+    assert named["block1.norms"]["weight_decay"] == 0.0 and named["norms"]["lr_mult"] == 1.0
+    kinds = {train.module_kind(name) for name, _ in model.named_parameters()}
+    assert kinds == set(train.MODULE_TABLE), "every kind of the table names parameters, and only those"
+
+
+def test_the_sde_rule_rescales_every_groups_eps_and_weight_decay() -> None:
+    """A run at 4x the reference batch (kappa = 4): eps_g = eps_mult · eps / 2, lambda_g = wd_mult · lambda · 2."""
+    vocab = mdm.Vocab(text=50, audio=20, image=17)
+    model = Denoiser(ModelConfig(d_model=32, n_layers=2, n_heads=2), vocab)
+    cfg = train.TrainConfig(modules="attn_qkv.eps=3,mlp_down.wd=2,embedding.eps=0.5")
+    ref = sde_batch.Reference(16, 1e6, cfg.settings())
+    plan = sde_batch.plan(ref, 64, 1e6, 48)
+    assert plan.kappa == pytest.approx(4.0)
+    table = train.module_table(cfg.modules)
+    for g in train.param_groups(model, cfg, plan.settings):
+        row = table[g["name"].split(".")[-1]]
+        assert g["eps"] == pytest.approx(row.eps * cfg.eps / 2), g["name"]
+        assert g["weight_decay"] == pytest.approx(row.wd * cfg.weight_decay * 2), g["name"]
+
+
+@pytest.mark.parametrize("change", ["embeding.lr=2", "mlp_up.beta=2", "norms.lr=-1", "norms.eps=x", "norms.lr"])
+def test_a_bad_module_table_change_is_a_one_line_error(tmp_path: Path, change: str) -> None:
+    with pytest.raises(SystemExit, match=r"train.py: error: --modules: .* is not kind.lr\|wd\|eps=value"):
+        train.main([*SMALL, f"--out_dir={tmp_path}", f"--modules={change}"])
 
 
 @pytest.mark.parametrize("anti_masking", [False, True])
