@@ -1,0 +1,248 @@
+"""A per-module AdamW search: successive halving over ``train.MODULE_TABLE``, judged by held-out NELBO.
+
+    python -m lab.module_search --size quick                  # the search (seed 0), then best vs default on seeds 1, 2
+    python -m lab.module_search --size smoke --out /tmp/ms    # seconds (the tests run this)
+
+The search space (``SPACE``) holds the table's learning-rate multipliers of every module kind, the
+epsilon multipliers of the attention projections and the MLP gate (the modules the paper's summary
+says want their own epsilon) and the depth factor, each drawn log-uniformly. Successive halving
+(``RUNGS``): every configuration of the first rung trains at a short horizon, the best third of each
+rung (by ``loss_bits``, the mean over the three row types of the validation NELBO in bits per token,
+``lab.studies.nelbo_parts``) trains again from scratch at a three times longer horizon, and the
+default table always goes on as the reference. The best configuration of the last rung and the
+default then train on more seeds (``Search.confirm_seeds``). Each run is ``train.main`` through
+``lab.studies.Context`` (its line in ``<out>/module_search.jsonl``, skipped when present, so an
+interrupted search resumes). The figure: held-out NELBO per rung; the best configurations'
+learning-rate multiplier of each module kind against depth; best against default per seed.
+The optimizer's second moments of the default run at the first rung are kept too: the median
+sqrt(v) of each kind says where an epsilon starts to matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+
+import train
+from lab import studies
+from lab.studies import Context, Model, RunSpec, say
+
+STUDY = "module_search"
+DEFAULT_MIX = (0.15, 0.55, 0.30)  # train.py's default mixture: the search tunes the present recipe
+# name -> (low, high) of a log-uniform draw. Learning rates within 4x of the table's either way (the peak
+# lr itself was swept: 3x it hurt, lab/STUDIES.md section 8); the embedding's from 1x to 30x the peak,
+# since the paper reports much larger effective rates there; epsilons from the default 1e-8 to 1e-3,
+# past the median sqrt(v) of every kind (``second_moments``), so the range spans "no effect" to "dominant".
+SPACE: dict[str, tuple[float, float]] = {
+    "embedding.lr": (1.0, 30.0),
+    "unembedding.lr": (0.25, 4.0),
+    "attn_qkv.lr": (0.25, 4.0),
+    "attn_out.lr": (0.25, 4.0),
+    "mlp_gate.lr": (0.25, 4.0),
+    "mlp_up.lr": (0.25, 4.0),
+    "mlp_down.lr": (0.25, 4.0),
+    "norms.lr": (0.25, 4.0),
+    "attn_qkv.eps": (1.0, 1e5),
+    "attn_out.eps": (1.0, 1e5),
+    "mlp_gate.eps": (1.0, 1e5),
+    "depth_factor": (0.25, 2.0),
+}
+
+
+@dataclass(frozen=True)
+class Search:
+    """The search's size: the model, the first rung's horizon and configurations, the rungs, the seeds."""
+
+    model: Model
+    batch: int
+    first_tokens: float  # horizon of the first rung; each later rung is ``growth`` times longer
+    configs: int  # random configurations of the first rung (the default table comes on top)
+    rungs: int
+    growth: int  # each rung keeps the best 1/growth (at least one) and trains them growth times longer
+    confirm_seeds: tuple[int, ...]  # the best of the last rung and the default, trained again on these
+    warmup_tokens: float
+    eval: studies.Size  # how runs are judged (eval_batches, eval_rows)
+
+
+SEARCHES: dict[str, Search] = {
+    "smoke": Search(Model(32, 2, 2), 16, 1500, 3, 2, 3, (1,), 300, studies.SIZES["smoke"]),
+    "quick": Search(Model(64, 4, 2), 32, 4e5, 15, 3, 3, (1, 2), 2e4, studies.SIZES["quick"]),
+}
+
+
+def draw(n: int, seed: int) -> list[dict[str, float]]:
+    """n configurations, each coordinate log-uniform in its SPACE range."""
+    rng = np.random.default_rng(seed)
+    return [{k: float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) for k, (lo, hi) in SPACE.items()}
+            for _ in range(n)]  # fmt: skip
+
+
+def settings(config: dict[str, float]) -> dict[str, object]:
+    """train.py options of a configuration: ``--modules`` for the table's entries, ``--depth_factor``."""
+    table = ",".join(f"{k}={v:.4g}" for k, v in config.items() if k != "depth_factor")
+    return {"modules": table, "depth_factor": f"{config.get('depth_factor', 0.5):.4g}"} if config else {}
+
+
+def spec(name: str, config: dict[str, float], tokens: float, seed: int, s: Search) -> RunSpec:
+    base = {**s.model.settings(), "batch_size": s.batch, "tokens": tokens, "warmup_tokens": s.warmup_tokens,
+            **dict(zip(("mix_text", "mix_image_text", "mix_audio_text"), DEFAULT_MIX, strict=True))}  # fmt: skip
+    info = {"config_name": name, "config": config, "horizon": tokens}
+    return RunSpec(STUDY, f"{name}_t{tokens:g}", seed, {**base, **settings(config)}, info=info)
+
+
+def successive_halving(ctx: Context, s: Search, seed: int = 0) -> list[list[dict]]:
+    """The rungs' records; the default table ("default", an empty configuration) is in every rung."""
+    candidates = {"default": {}, **{f"c{i:02d}": c for i, c in enumerate(draw(s.configs, seed))}}
+    rungs, tokens = [], s.first_tokens
+    for r in range(s.rungs):
+        records = ctx.execute([spec(n, c, tokens, seed, s) for n, c in candidates.items()])
+        rungs.append(records)
+        ranked = sorted((x for x in records if "error" not in x), key=lambda x: x["loss_bits"])
+        keep = max(1, len(candidates) // s.growth)
+        best = [x["config_name"] for x in ranked if x["config_name"] != "default"][:keep]
+        say(f"[{STUDY}] rung {r} ({tokens:g} tokens): best {', '.join(best)}")
+        candidates = {"default": {}, **{n: candidates[n] for n in best}}
+        tokens *= s.growth
+    return rungs
+
+
+def second_moments(ckpt: Path) -> dict[str, float]:
+    """Median sqrt(v) (Adam's second moment) over the nonzero entries of each module kind, from a checkpoint."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["optimizer"]["state"]
+    roots: dict[str, list[torch.Tensor]] = {}
+    for name, st in state.items():
+        root = st["exp_avg_sq"].sqrt().flatten()
+        roots.setdefault(train.module_kind(name), []).append(root[root > 0])  # embedding rows never seen: v = 0
+    return {k: float(torch.cat(v).median()) for k, v in roots.items()}
+
+
+def lr_by_depth(config: dict[str, float], n_layers: int) -> dict[str, list[float]]:
+    """Each kind's learning-rate multiplier per block (the embedding and unembedding: one value)."""
+    table = train.module_table(settings(config).get("modules", ""))
+    depth = config.get("depth_factor", 0.5)
+    factors = [depth ** (i / max(1, n_layers - 1)) for i in range(n_layers)]
+    return {k: [row.lr] if k in ("embedding", "unembedding") else [row.lr * f for f in factors]
+            for k, row in table.items()}  # fmt: skip
+
+
+def plot(rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], s: Search, path: Path) -> None:
+    fig, (a, b, c) = studies.new_figure(3, width=5.0)
+    plot_rungs(a, rungs)
+    last = sorted((x for x in rungs[-1] if "error" not in x), key=lambda x: x["loss_bits"])
+    for i, rec in enumerate(x for x in last if x["config_name"] != "default"):
+        plot_depth(b, rec["config"], s.model.n_layers, "-" if i == 0 else ":", rec["config_name"])
+    plot_depth(b, {}, s.model.n_layers, "--", "default")
+    plot_confirm(c, confirm)
+    studies.save_figure(fig, path)
+
+
+def plot_rungs(ax: Axes, rungs: Sequence[Sequence[dict]]) -> None:
+    for rung in rungs:
+        for x in rung:
+            if "error" not in x:
+                default = x["config_name"] == "default"
+                ax.scatter(x["horizon"] / 1e6, x["loss_bits"], s=30 if default else 12,
+                           color="k" if default else "C0", marker="s" if default else "o", zorder=3)  # fmt: skip
+    names = {x["config_name"] for x in rungs[-1]}
+    for name in names:
+        pts = [(x["horizon"] / 1e6, x["loss_bits"]) for rung in rungs for x in rung
+               if x["config_name"] == name and "error" not in x]  # fmt: skip
+        ax.plot(*zip(*pts, strict=True), color="k" if name == "default" else "C1", lw=1, label=name)
+    ax.set(xscale="log", xlabel="horizon, millions of tokens", ylabel="held-out NELBO, bits/token (mean of tasks)",
+           title="successive halving (black: the default table)")  # fmt: skip
+    ax.legend(fontsize=7)
+
+
+def plot_depth(ax: Axes, config: dict[str, float], n_layers: int, ls: str, label: str) -> None:
+    for j, (kind, mults) in enumerate(lr_by_depth(config, n_layers).items()):
+        xs = [-1] if kind == "embedding" else [n_layers] if kind == "unembedding" else list(range(n_layers))
+        ax.plot(xs, mults, ls=ls, marker="o", ms=3, color=f"C{j}", label=f"{kind}" if ls == "-" else None)
+    ax.plot([], [], ls=ls, color="gray", label=label)
+    ax.set(yscale="log", xlabel="block (-1: embedding, n: unembedding)", ylabel="lr multiplier",
+           title="learning-rate multiplier by module and depth")  # fmt: skip
+    ax.legend(fontsize=6, ncol=2)
+
+
+def plot_confirm(ax: Axes, confirm: Sequence[dict]) -> None:
+    names = list(dict.fromkeys(x["config_name"] for x in confirm))
+    seeds = sorted({x["seed"] for x in confirm})
+    for i, name in enumerate(names):
+        vals = {x["seed"]: x["loss_bits"] for x in confirm if x["config_name"] == name and "error" not in x}
+        ax.plot([seeds.index(k) for k in vals], list(vals.values()), marker="o", ls="none", color=f"C{i}",
+                label=name)  # fmt: skip
+    ax.set(xticks=range(len(seeds)), xticklabels=[str(k) for k in seeds], xlabel="seed",
+           ylabel="held-out NELBO, bits/token", title="best of the search against the default")  # fmt: skip
+    ax.legend(fontsize=7)
+
+
+def best_of(rung: Sequence[dict]) -> dict:
+    """The record of the rung's best configuration other than the default (lowest held-out NELBO)."""
+    return min((x for x in rung if "error" not in x and x["config_name"] != "default"), key=lambda x: x["loss_bits"])
+
+
+def summarize(rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], moments: dict[str, float]) -> dict:
+    best = best_of(rungs[-1])
+    pairs = {}
+    for x in confirm:
+        pairs.setdefault(x["seed"], {})[x["config_name"]] = x["loss_bits"]
+    gaps = [p[best["config_name"]] - p["default"] for p in pairs.values() if len(p) == 2]
+    return {
+        "space": SPACE,
+        "rungs": [
+            {"horizon": r[0]["horizon"], "loss_bits": {x["config_name"]: x.get("loss_bits") for x in r}} for r in rungs
+        ],
+        "best": {"name": best["config_name"], "config": best["config"], "settings": settings(best["config"])},
+        "confirm_loss_bits": pairs,
+        "best_minus_default": {"values": gaps, "mean": float(np.mean(gaps)) if gaps else None},
+        "median_sqrt_v_default_first_rung": moments,
+    }
+
+
+def run(ctx: Context, s: Search) -> dict:
+    rungs = successive_halving(ctx, s)
+    best = best_of(rungs[-1])
+    horizon = rungs[-1][0]["horizon"]
+    confirm = [x for x in rungs[-1] if x["config_name"] in ("default", best["config_name"])]
+    confirm += ctx.execute([spec(n, c, horizon, k, s) for k in s.confirm_seeds
+                            for n, c in (("default", {}), (best["config_name"], best["config"]))])  # fmt: skip
+    default_first = ctx.run_dir(spec("default", {}, s.first_tokens, 0, s)) / "ckpt.pt"
+    moments = second_moments(default_first)
+    plot(rungs, confirm, s, ctx.out / f"{STUDY}.png")
+    summary = summarize(rungs, confirm, moments)
+    (ctx.out / f"{STUDY}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for r in summary["rungs"]:
+        line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["loss_bits"].items(), key=lambda kv: kv[1]))
+        say(f"rung at {r['horizon']:g} tokens: {line}")
+    say(f"best: {summary['best']['name']} {summary['best']['settings']}")
+    say(f"best - default per seed (bits/token): {summary['best_minus_default']['values']}")
+    say(f"median sqrt(v) per kind (default, first rung): {moments}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="quick", choices=list(SEARCHES), help="the search's size (SEARCHES)")
+    p.add_argument("--out", default="lab/studies", help="results folder (module_search.jsonl, .png, _summary.json)")
+    p.add_argument("--runs", default="runs/studies", help="where the runs' folders go")
+    p.add_argument("--force", action="store_true", help="rerun runs whose results exist")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: two searches can share 2 cores)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(a.threads)
+    s = SEARCHES[a.size]
+    size = replace(s.eval, name=a.size)
+    ctx = Context(size, Path(a.out), Path(a.runs), a.force)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    return run(ctx, s)
+
+
+if __name__ == "__main__":
+    main()
