@@ -69,13 +69,15 @@ class Search:
     rungs: int
     growth: int  # each rung keeps the best 1/growth (at least one) and trains them growth times longer
     confirm_seeds: tuple[int, ...]  # the best of the last rung and the default, trained again on these
+    transfer: Model  # ... and once (seed 0) at this shape, the default run's, to see whether the choice carries
+    transfer_tokens: float
     warmup_tokens: float
     eval: studies.Size  # how runs are judged (eval_batches, eval_rows)
 
 
 SEARCHES: dict[str, Search] = {
-    "smoke": Search(Model(32, 2, 2), 16, 1500, 3, 2, 3, (1,), 300, studies.SIZES["smoke"]),
-    "quick": Search(Model(64, 4, 2), 32, 4e5, 15, 3, 3, (1, 2), 2e4, studies.SIZES["quick"]),
+    "smoke": Search(Model(32, 2, 2), 16, 1500, 3, 2, 3, (1,), Model(48, 2, 2), 1500, 300, studies.SIZES["smoke"]),
+    "quick": Search(Model(64, 4, 2), 32, 4e5, 15, 3, 3, (1, 2), Model(128, 4, 4), 2.4e6, 2e4, studies.SIZES["quick"]),
 }
 
 
@@ -92,11 +94,15 @@ def settings(config: dict[str, float]) -> dict[str, object]:
     return {"modules": table, "depth_factor": f"{config.get('depth_factor', 0.5):.4g}"} if config else {}
 
 
-def spec(name: str, config: dict[str, float], tokens: float, seed: int, s: Search) -> RunSpec:
-    base = {**s.model.settings(), "batch_size": s.batch, "tokens": tokens, "warmup_tokens": s.warmup_tokens,
+def spec(
+    name: str, config: dict[str, float], tokens: float, seed: int, s: Search, model: Model | None = None
+) -> RunSpec:
+    """A run of a configuration; at another ``model`` than the search's, its label joins the run's name."""
+    base = {**(model or s.model).settings(), "batch_size": s.batch, "tokens": tokens, "warmup_tokens": s.warmup_tokens,
             **dict(zip(("mix_text", "mix_image_text", "mix_audio_text"), DEFAULT_MIX, strict=True))}  # fmt: skip
-    info = {"config_name": name, "config": config, "horizon": tokens}
-    return RunSpec(STUDY, f"{name}_t{tokens:g}", seed, {**base, **settings(config)}, info=info)
+    info = {"config_name": name, "config": config, "horizon": tokens, "model": (model or s.model).label}
+    variant = f"{name}_{model.label}_t{tokens:g}" if model else f"{name}_t{tokens:g}"
+    return RunSpec(STUDY, variant, seed, {**base, **settings(config)}, info=info)
 
 
 def successive_halving(ctx: Context, s: Search, seed: int = 0) -> list[list[dict]]:
@@ -134,14 +140,16 @@ def lr_by_depth(config: dict[str, float], n_layers: int) -> dict[str, list[float
             for k, row in table.items()}  # fmt: skip
 
 
-def plot(rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], s: Search, path: Path) -> None:
+def plot(
+    rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], transfer: Sequence[dict], s: Search, path: Path
+) -> None:
     fig, (a, b, c) = studies.new_figure(3, width=5.0)
     plot_rungs(a, rungs)
     last = sorted((x for x in rungs[-1] if "error" not in x), key=lambda x: x["loss_bits"])
     for i, rec in enumerate(x for x in last if x["config_name"] != "default"):
         plot_depth(b, rec["config"], s.model.n_layers, "-" if i == 0 else ":", rec["config_name"])
     plot_depth(b, {}, s.model.n_layers, "--", "default")
-    plot_confirm(c, confirm)
+    plot_confirm(c, confirm, transfer, s)
     studies.save_figure(fig, path)
 
 
@@ -172,15 +180,17 @@ def plot_depth(ax: Axes, config: dict[str, float], n_layers: int, ls: str, label
     ax.legend(fontsize=6, ncol=2)
 
 
-def plot_confirm(ax: Axes, confirm: Sequence[dict]) -> None:
-    names = list(dict.fromkeys(x["config_name"] for x in confirm))
+def plot_confirm(ax: Axes, confirm: Sequence[dict], transfer: Sequence[dict], s: Search) -> None:
+    """Best against default: one column per seed at the search's shape, one for the transfer shape."""
     seeds = sorted({x["seed"] for x in confirm})
-    for i, name in enumerate(names):
-        vals = {x["seed"]: x["loss_bits"] for x in confirm if x["config_name"] == name and "error" not in x}
-        ax.plot([seeds.index(k) for k in vals], list(vals.values()), marker="o", ls="none", color=f"C{i}",
-                label=name)  # fmt: skip
-    ax.set(xticks=range(len(seeds)), xticklabels=[str(k) for k in seeds], xlabel="seed",
-           ylabel="held-out NELBO, bits/token", title="best of the search against the default")  # fmt: skip
+    columns = [(f"seed {k}", [x for x in confirm if x["seed"] == k]) for k in seeds]
+    columns.append((f"{s.transfer.label}, {s.transfer_tokens / 1e6:g}M tokens", list(transfer)))
+    for i, name in enumerate(dict.fromkeys(x["config_name"] for x in confirm)):
+        pts = [(j, x["loss_bits"]) for j, (_, recs) in enumerate(columns) for x in recs
+               if x["config_name"] == name and "error" not in x]  # fmt: skip
+        ax.plot(*zip(*pts, strict=True), marker="o", ls="none", color=f"C{i}", label=name)
+    ax.set(xticks=range(len(columns)), xticklabels=[c for c, _ in columns], ylabel="held-out NELBO, bits/token",
+           title=f"best against the default ({s.model.label} unless named)")  # fmt: skip
     ax.legend(fontsize=7)
 
 
@@ -189,7 +199,9 @@ def best_of(rung: Sequence[dict]) -> dict:
     return min((x for x in rung if "error" not in x and x["config_name"] != "default"), key=lambda x: x["loss_bits"])
 
 
-def summarize(rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], moments: dict[str, float]) -> dict:
+def summarize(
+    rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], transfer: Sequence[dict], moments: dict[str, float]
+) -> dict:
     best = best_of(rungs[-1])
     pairs = {}
     for x in confirm:
@@ -203,6 +215,7 @@ def summarize(rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], moments:
         "best": {"name": best["config_name"], "config": best["config"], "settings": settings(best["config"])},
         "confirm_loss_bits": pairs,
         "best_minus_default": {"values": gaps, "mean": float(np.mean(gaps)) if gaps else None},
+        "transfer_loss_bits": {x["config_name"]: x.get("loss_bits") for x in transfer},
         "median_sqrt_v_default_first_rung": moments,
     }
 
@@ -214,16 +227,19 @@ def run(ctx: Context, s: Search) -> dict:
     confirm = [x for x in rungs[-1] if x["config_name"] in ("default", best["config_name"])]
     confirm += ctx.execute([spec(n, c, horizon, k, s) for k in s.confirm_seeds
                             for n, c in (("default", {}), (best["config_name"], best["config"]))])  # fmt: skip
+    transfer = ctx.execute([spec(n, c, s.transfer_tokens, 0, s, s.transfer)
+                            for n, c in (("default", {}), (best["config_name"], best["config"]))])  # fmt: skip
     default_first = ctx.run_dir(spec("default", {}, s.first_tokens, 0, s)) / "ckpt.pt"
     moments = second_moments(default_first)
-    plot(rungs, confirm, s, ctx.out / f"{STUDY}.png")
-    summary = summarize(rungs, confirm, moments)
+    plot(rungs, confirm, transfer, s, ctx.out / f"{STUDY}.png")
+    summary = summarize(rungs, confirm, transfer, moments)
     (ctx.out / f"{STUDY}_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for r in summary["rungs"]:
         line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["loss_bits"].items(), key=lambda kv: kv[1]))
         say(f"rung at {r['horizon']:g} tokens: {line}")
     say(f"best: {summary['best']['name']} {summary['best']['settings']}")
     say(f"best - default per seed (bits/token): {summary['best_minus_default']['values']}")
+    say(f"at {s.transfer.label}, {s.transfer_tokens:g} tokens: {summary['transfer_loss_bits']}")
     say(f"median sqrt(v) per kind (default, first rung): {moments}")
     return summary
 

@@ -47,7 +47,8 @@ def test_the_smoke_search_halves_its_rungs_and_resumes(tmp_path: Path) -> None:
     assert len(summary["best_minus_default"]["values"]) == 1 + len(s.confirm_seeds)
     assert set(summary["median_sqrt_v_default_first_rung"]) == set(train.MODULE_TABLE)
     lines = (out / "module_search.jsonl").read_text().splitlines()
-    assert len(lines) == s.configs + 1 + 2 + 2 * len(s.confirm_seeds)
+    assert len(lines) == s.configs + 1 + 2 + 2 * len(s.confirm_seeds) + 2, "and the two runs at the transfer shape"
+    assert set(summary["transfer_loss_bits"]) == {"default", summary["best"]["name"]}
     assert (out / "module_search.png").stat().st_size > 10_000
     assert json.loads((out / "module_search_summary.json").read_text())["best"] == summary["best"]
     ms.main(argv)  # every run is done: nothing is trained again
