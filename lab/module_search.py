@@ -57,6 +57,10 @@ SPACE: dict[str, tuple[float, float]] = {
     "depth_factor": (0.25, 2.0),
 }
 
+# Single changes to the default table, run beside the best configuration: the first rung's sensitivities
+# (``sensitivity``) single out the unembedding's learning rate, and one change says more than twelve.
+FOLLOWUPS: dict[str, dict[str, float]] = {"unembedding_x3": {"unembedding.lr": 3.0}}
+
 
 @dataclass(frozen=True)
 class Search:
@@ -68,7 +72,7 @@ class Search:
     configs: int  # random configurations of the first rung (the default table comes on top)
     rungs: int
     growth: int  # each rung keeps the best 1/growth (at least one) and trains them growth times longer
-    confirm_seeds: tuple[int, ...]  # the best of the last rung and the default, trained again on these
+    confirm_seeds: tuple[int, ...]  # the best of the last rung, the default and FOLLOWUPS, trained on these too
     transfer: Model  # ... and once (seed 0) at this shape, the default run's, to see whether the choice carries
     transfer_tokens: float
     warmup_tokens: float
@@ -199,22 +203,31 @@ def best_of(rung: Sequence[dict]) -> dict:
     return min((x for x in rung if "error" not in x and x["config_name"] != "default"), key=lambda x: x["loss_bits"])
 
 
+def sensitivity(rung: Sequence[dict]) -> dict[str, float]:
+    """Spearman's rank correlation, over a rung's searched configurations, of each coordinate with the NELBO."""
+    runs = [x for x in rung if "error" not in x and x["config"]]
+    loss = np.argsort(np.argsort([x["loss_bits"] for x in runs]))
+    return {k: float(np.corrcoef(np.argsort(np.argsort([x["config"][k] for x in runs])), loss)[0, 1]) for k in SPACE}
+
+
 def summarize(
     rungs: Sequence[Sequence[dict]], confirm: Sequence[dict], transfer: Sequence[dict], moments: dict[str, float]
 ) -> dict:
     best = best_of(rungs[-1])
-    pairs = {}
+    by_seed: dict[int, dict[str, float]] = {}
     for x in confirm:
-        pairs.setdefault(x["seed"], {})[x["config_name"]] = x["loss_bits"]
-    gaps = [p[best["config_name"]] - p["default"] for p in pairs.values() if len(p) == 2]
+        by_seed.setdefault(x["seed"], {})[x["config_name"]] = x["loss_bits"]
+    others = [n for n in dict.fromkeys(x["config_name"] for x in confirm) if n != "default"]
     return {
         "space": SPACE,
         "rungs": [
             {"horizon": r[0]["horizon"], "loss_bits": {x["config_name"]: x.get("loss_bits") for x in r}} for r in rungs
         ],
+        "sensitivity_first_rung": sensitivity(rungs[0]),
         "best": {"name": best["config_name"], "config": best["config"], "settings": settings(best["config"])},
-        "confirm_loss_bits": pairs,
-        "best_minus_default": {"values": gaps, "mean": float(np.mean(gaps)) if gaps else None},
+        "followups": FOLLOWUPS,
+        "confirm_loss_bits": by_seed,
+        "minus_default": {n: {k: v[n] - v["default"] for k, v in by_seed.items() if n in v} for n in others},
         "transfer_loss_bits": {x["config_name"]: x.get("loss_bits") for x in transfer},
         "median_sqrt_v_default_first_rung": moments,
     }
@@ -224,11 +237,9 @@ def run(ctx: Context, s: Search) -> dict:
     rungs = successive_halving(ctx, s)
     best = best_of(rungs[-1])
     horizon = rungs[-1][0]["horizon"]
-    confirm = [x for x in rungs[-1] if x["config_name"] in ("default", best["config_name"])]
-    confirm += ctx.execute([spec(n, c, horizon, k, s) for k in s.confirm_seeds
-                            for n, c in (("default", {}), (best["config_name"], best["config"]))])  # fmt: skip
-    transfer = ctx.execute([spec(n, c, s.transfer_tokens, 0, s, s.transfer)
-                            for n, c in (("default", {}), (best["config_name"], best["config"]))])  # fmt: skip
+    named = [("default", {}), (best["config_name"], best["config"]), *FOLLOWUPS.items()]
+    confirm = ctx.execute([spec(n, c, horizon, k, s) for k in (0, *s.confirm_seeds) for n, c in named])
+    transfer = ctx.execute([spec(n, c, s.transfer_tokens, 0, s, s.transfer) for n, c in named])
     default_first = ctx.run_dir(spec("default", {}, s.first_tokens, 0, s)) / "ckpt.pt"
     moments = second_moments(default_first)
     plot(rungs, confirm, transfer, s, ctx.out / f"{STUDY}.png")
@@ -238,7 +249,8 @@ def run(ctx: Context, s: Search) -> dict:
         line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(r["loss_bits"].items(), key=lambda kv: kv[1]))
         say(f"rung at {r['horizon']:g} tokens: {line}")
     say(f"best: {summary['best']['name']} {summary['best']['settings']}")
-    say(f"best - default per seed (bits/token): {summary['best_minus_default']['values']}")
+    say(f"first rung, rank correlation of each coordinate with the NELBO: {summary['sensitivity_first_rung']}")
+    say(f"minus the default, per seed (bits/token): {summary['minus_default']}")
     say(f"at {s.transfer.label}, {s.transfer_tokens:g} tokens: {summary['transfer_loss_bits']}")
     say(f"median sqrt(v) per kind (default, first rung): {moments}")
     return summary

@@ -19,7 +19,17 @@ def lab(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 
-TOOLS = ["bench", "studies", "diagnostics", "tokenizers", "make_spoken_digits", "captioning", "seeds", "module_search", "tokenizer_study"]
+TOOLS = [
+    "bench",
+    "studies",
+    "diagnostics",
+    "tokenizers",
+    "make_spoken_digits",
+    "captioning",
+    "seeds",
+    "module_search",
+    "tokenizer_study",
+]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -44,11 +44,18 @@ def test_the_smoke_search_halves_its_rungs_and_resumes(tmp_path: Path) -> None:
     assert all("default" in r["loss_bits"] for r in summary["rungs"])
     assert summary["best"]["name"] in summary["rungs"][-1]["loss_bits"]
     assert set(summary["confirm_loss_bits"]) == {0, *s.confirm_seeds}, "the search's seed and the confirming ones"
-    assert len(summary["best_minus_default"]["values"]) == 1 + len(s.confirm_seeds)
+    named = {summary["best"]["name"], *ms.FOLLOWUPS}
+    assert {n: len(gaps) for n, gaps in summary["minus_default"].items()} == dict.fromkeys(
+        named, 1 + len(s.confirm_seeds)
+    )
+    assert set(summary["sensitivity_first_rung"]) == set(ms.SPACE)
+    assert all(-1 <= r <= 1 for r in summary["sensitivity_first_rung"].values())
     assert set(summary["median_sqrt_v_default_first_rung"]) == set(train.MODULE_TABLE)
     lines = (out / "module_search.jsonl").read_text().splitlines()
-    assert len(lines) == s.configs + 1 + 2 + 2 * len(s.confirm_seeds) + 2, "and the two runs at the transfer shape"
-    assert set(summary["transfer_loss_bits"]) == {"default", summary["best"]["name"]}
+    n_named = 2 + len(ms.FOLLOWUPS)  # the default, the best and the single changes
+    runs = s.configs + 1 + 2 + len(ms.FOLLOWUPS) + n_named * len(s.confirm_seeds) + n_named  # ... and at the transfer
+    assert len(lines) == runs
+    assert set(summary["transfer_loss_bits"]) == {"default", *named}
     assert (out / "module_search.png").stat().st_size > 10_000
     assert json.loads((out / "module_search_summary.json").read_text())["best"] == summary["best"]
     ms.main(argv)  # every run is done: nothing is trained again
