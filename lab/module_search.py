@@ -164,11 +164,11 @@ def plot_rungs(ax: Axes, rungs: Sequence[Sequence[dict]]) -> None:
                 default = x["config_name"] == "default"
                 ax.scatter(x["horizon"] / 1e6, x["loss_bits"], s=30 if default else 12,
                            color="k" if default else "C0", marker="s" if default else "o", zorder=3)  # fmt: skip
-    names = {x["config_name"] for x in rungs[-1]}
-    for name in names:
+    names = sorted(x["config_name"] for x in rungs[-1])  # the default, then the survivors
+    for i, name in enumerate(names):
         pts = [(x["horizon"] / 1e6, x["loss_bits"]) for rung in rungs for x in rung
                if x["config_name"] == name and "error" not in x]  # fmt: skip
-        ax.plot(*zip(*pts, strict=True), color="k" if name == "default" else "C1", lw=1, label=name)
+        ax.plot(*zip(*pts, strict=True), color="k" if name == "default" else f"C{i}", lw=1, label=name)
     ax.set(xscale="log", xlabel="horizon, millions of tokens", ylabel="held-out NELBO, bits/token (mean of tasks)",
            title="successive halving (black: the default table)")  # fmt: skip
     ax.legend(fontsize=7)
