@@ -48,3 +48,12 @@ def test_the_bpe_command_reproduces_the_committed_tokenizer(tmp_path: Path) -> N
 def test_the_sde_toy_prints_its_distances() -> None:
     done = lab("lab.sde_toy")
     assert done.returncode == 0 and "with the rule" in done.stdout and "B =  128" in done.stdout, done.stderr
+
+
+def test_the_gpu_check_stops_at_once_on_a_machine_without_cuda(tmp_path: Path) -> None:
+    """On a CPU, lab/gpu_check.sh exits non-zero with one line naming CUDA, and writes nothing."""
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "lab/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "needs a CUDA GPU" in r.stderr
+    assert not (tmp_path / "out").exists()
