@@ -174,8 +174,9 @@ class Skipped:
             raise ValueError(nothing)
 
 
-def read_text_files(paths: list[str | Path], strict: bool = False) -> list[str]:
-    """Documents from .txt files (one document per file) and .jsonl files (a "text" field per line)."""
+def read_text_files(paths: list[str | Path], strict: bool = False, require: bool = True) -> list[str]:
+    """Documents from .txt files (one document per file) and .jsonl files (a "text" field per line);
+    ``require``: finding no text at all is an error."""
     docs, skipped = [], Skipped("text inputs", strict)
     for p in map(Path, paths):
         if not p.is_file():
@@ -193,7 +194,7 @@ def read_text_files(paths: list[str | Path], strict: bool = False) -> list[str]:
             docs.append(raw)
         else:
             skipped.add(p, "empty file")
-    skipped.report(docs, f"no text found in {[str(p) for p in paths]}")
+    skipped.report(docs if require else [None], f"no text found in {[str(p) for p in paths]}")
     return docs
 
 
@@ -408,6 +409,8 @@ class DataConfig:
     audio_speeds: tuple[float, ...] = (0.8, 0.9, 1.1, 1.2)  # speeds of extra training clips (recognition only)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
     split_seed: int = 0  # the seed of the train / val / test splits
+    data: str = ""  # a shard set folder (shards.py), prepared there from these options if it is not yet; "" = cache
+    prepare_workers: int = 2  # processes that tokenize the text sources in parallel while preparing shards
 
 
 @dataclass
@@ -486,13 +489,18 @@ def pair_splits(media: Tensor, captions: list, labels: np.ndarray, raw: list, sp
     return {s: PairData(media[i], [captions[j] for j in i], labels[i], [raw[j] for j in i]) for s, i in ix.items()}
 
 
-def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriModalData:
-    """Tokenize every split of every task once; ``codec_sha256`` is the audio codec's hash the caller vouches for."""
+def tokenizers(cfg: DataConfig, codec_sha256: str = "") -> tuple[TextTokenizer, PixelTokenizer, object, Layout]:
+    """The text, image and audio tokenizers a DataConfig names, and the layout of their rows."""
     tok = load_text_tokenizer(cfg)
     pixels, codec = PixelTokenizer(cfg.image_levels, cfg.image_patch), load_audio_codec(cfg.audio_codec, codec_sha256)
     vocab = Vocab(text=tok.vocab_size, audio=codec.vocab_size, image=pixels.vocab_size)
-    layout = Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
+    return tok, pixels, codec, Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
 
+
+def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriModalData:
+    """Tokenize every split of every task once, in memory; ``codec_sha256`` is the audio codec's hash the caller
+    vouches for. ``shards.py`` writes the same arrays to disk once and trains from them."""
+    tok, pixels, codec, layout = tokenizers(cfg, codec_sha256)
     docs = pydoc_corpus() if cfg.default_text else []  # text: chunks of documents, split, packed into one stream each
     docs += read_text_files(list(cfg.text_files), cfg.strict) if cfg.text_files else []
     if not docs:
@@ -500,7 +508,11 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     chunks = split_documents(docs)
     idx = split_indices(len(chunks), cfg.split_seed)
     text = {s: layout.text_stream([tok.encode(chunks[i]) for i in idx[s]]) for s in idx}
+    return TriModalData(layout, tok, pixels, codec, text, build_pairs(cfg, tok, pixels, codec, layout), cfg)
 
+
+def build_pairs(cfg: DataConfig, tok: TextTokenizer, pixels, codec, layout: Layout) -> dict[str, dict[str, PairData]]:
+    """The two pair tasks, every split tokenized: task -> split -> PairData."""
     if not cfg.image_dir:  # image-text: the digits with every caption template, or a user folder
         images, labels = digits_images()
         captions = [digit_captions(int(y)) for y in labels]
@@ -531,8 +543,19 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
     if cfg.audio_speeds and len(train):
         copies = [[speed_perturb(w, f, codec.sample_rate) for w in train.raw] for f in cfg.audio_speeds]
         train.variants = torch.stack([encode_clips(codec, c) for c in copies], 1)  # (N, K, M)
-    pairs = {"image_text": image_pairs, "audio_text": audio_pairs}
-    return TriModalData(layout, tok, pixels, codec, text, pairs, cfg)
+    return {"image_text": image_pairs, "audio_text": audio_pairs}
+
+
+def token_ids(x) -> Tensor:
+    """Token ids as int64, from a tensor or a (memory-mapped, read-only) numpy array of any integer type."""
+    if isinstance(x, Tensor):
+        return x.long()
+    return torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: a memmap's pages stay read-only
+
+
+def caption_count(captions, i: int) -> int:
+    """How many captions example i has, without reading them (``shards.Captions``) or from the lists in memory."""
+    return captions.count_of(i) if hasattr(captions, "count_of") else len(captions[i])
 
 
 @dataclass
@@ -600,27 +623,31 @@ class BatchIterator:
             base += torch.bincount(torch.multinomial(r, rest, replacement=True, generator=g), minlength=len(TASKS))
         return base.tolist()
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, own: slice = slice(None)) -> Batch:
+        """The B rows of step ``step``; only the rows ``own`` (this process's, ``train.own_sequences``) are read.
+
+        Every draw comes first and depends on no token (only on lengths and counts), so each process draws the
+        whole batch and reads only its own rows; the others are placeholders (``placeholder``) with the task, pad,
+        given and hidden of the real row, on which the forward process draws the very same masks."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         tasks = [k for k, n in enumerate(self.counts(g)) for _ in range(n)]
-        rows = [self.row(TASKS[k], g) for k in tasks]
-        order = torch.randperm(self.batch_size, generator=g)
-        ids, pad, given, hidden = (torch.stack(column)[order] for column in zip(*rows, strict=True))
+        plans = [self.draw(TASKS[k], g) for k in tasks]
+        order = torch.randperm(self.batch_size, generator=g).tolist()
+        mine = set(range(self.batch_size)[own])
+        rows = [self.read(TASKS[tasks[j]], plans[j], p in mine) for p, j in enumerate(order)]
+        ids, pad, given, hidden = (torch.stack(column) for column in zip(*rows, strict=True))
         return Batch(ids, pad, torch.tensor(tasks)[order], self.data.vocab.modality_of(ids), given, hidden)
 
-    def row(self, task: str, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(ids, pad, given, hidden) of one row of ``task``: its example, caption and role drawn from g."""
+    def draw(self, task: str, g: torch.Generator) -> tuple:
+        """The random choices of one row of ``task``: (text offset,), or (example, caption, given, hidden, copy)."""
         layout, L = self.data.layout, self.data.layout.seq_len
-        given, hidden = torch.zeros(L, dtype=torch.bool), torch.zeros(L, dtype=torch.bool)
         if task == "text":
-            stream = self.data.text[self.split]
-            offset = int(torch.randint(max(1, len(stream) - (L - 1) + 1), (), generator=g))
-            return (*layout.text_row(stream, offset), given, hidden)
+            return (int(torch.randint(max(1, len(self.data.text[self.split]) - (L - 1) + 1), (), generator=g)),)
+        given, hidden = torch.zeros(L, dtype=torch.bool), torch.zeros(L, dtype=torch.bool)
         pairs, (keep, drop, media_share) = self.data.pairs[task][self.split], self.roles
         i = int(torch.randint(len(pairs), (), generator=g))
-        caption = pairs.captions[i][int(torch.randint(len(pairs.captions[i]), (), generator=g))]
-        role, u = torch.rand(2, generator=g, dtype=torch.float64).tolist()
-        media = pairs.media[i]
+        caption = int(torch.randint(caption_count(pairs.captions, i), (), generator=g))
+        role, u, pick = *torch.rand(2, generator=g, dtype=torch.float64).tolist(), 0
         if role < keep + drop:
             conditional = role < keep
             show_media = u < (media_share if conditional else 0.5)
@@ -628,8 +655,26 @@ class BatchIterator:
             (given if conditional else hidden)[segment] = True
             if conditional and show_media and pairs.variants is not None:
                 pick = int(torch.randint(pairs.variants.shape[1] + 1, (), generator=g))
-                media = pairs.variants[i, pick - 1] if pick else media
-        row = layout.pair_row(task, media, torch.tensor(caption, dtype=torch.long))
+        return i, caption, given, hidden, pick
+
+    def read(self, task: str, plan: tuple, read: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ids, pad, given, hidden) of the row ``plan`` drew; without ``read``, its placeholder: the task token, then
+        PAD ids, with the row's own pad, given and hidden (all the forward process looks at besides the ids)."""
+        L = self.data.layout.seq_len
+        if task == "text":
+            stream, offset = self.data.text[self.split], plan[0]
+            n = min(L - 1, len(stream) - offset)
+            window = token_ids(stream[offset : offset + n]) if read else torch.full((n,), self.data.vocab.pad)
+            no = torch.zeros(L, dtype=torch.bool)
+            return (*self.data.layout.text_row(window, 0), no, no)
+        i, caption, given, hidden = plan[:4]
+        if not read:
+            row = torch.full((L,), self.data.vocab.pad, dtype=torch.long)
+            row[0] = self.data.vocab.task(task)
+            return row, torch.zeros(L, dtype=torch.bool), given, hidden
+        pairs, pick = self.data.pairs[task][self.split], plan[4]
+        media = token_ids(pairs.variants[i, pick - 1] if pick else pairs.media[i])
+        row = self.data.layout.pair_row(task, media, torch.tensor(pairs.captions[i][caption], dtype=torch.long))
         return row, torch.zeros(L, dtype=torch.bool), given, hidden
 
     def __iter__(self) -> BatchIterator:

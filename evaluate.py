@@ -16,15 +16,17 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import data as data_lib
+import fsq
 import mdm
 import sample as sample_lib
+import shards
 from checkpoint import load_for_inference
 from data import DIGIT_WORDS, resample
 from model import Denoiser
@@ -334,7 +336,7 @@ def report(
     t0 = time.perf_counter()
     inf = load_for_inference(checkpoint)
     ar = load_for_inference(ar_checkpoint).model if ar_checkpoint else None
-    data = data_lib.build_data(replace(inf.data_config, audio_speeds=()))  # held-out splits: no training copies
+    data = shards.open_shards(shards.prepared(inf.data_config, fsq.file_sha256(inf.data_config.audio_codec)))
     judges, presets = fit_judges(data), sample_lib.PRESETS
     test_img = data.pairs["image_text"]["test"]
     res: dict = {"checkpoint": str(checkpoint), "step": inf.step}

@@ -49,7 +49,8 @@ import checkpoint
 import evaluate
 import mdm
 import sde_batch
-from data import Batch, BatchIterator, DataConfig, TriModalData, build_data
+import shards
+from data import Batch, BatchIterator, DataConfig, TriModalData
 from distributed import NLL, Dist, Preemption, setup_distributed, teardown, use_fsdp, wrap
 from model import PRESETS, Denoiser, ModelConfig, embed_codes, model_summary
 
@@ -110,6 +111,7 @@ class TrainConfig:
     ckpt_every: int = 250  # steps between checkpoints (one is always written at the end)
     max_steps: int = 0  # stop this invocation after this many steps (0 = run to the horizon)
     final_report: bool = True  # at the end, write samples of every task and a metrics report
+    prepare_only: bool = False  # prepare the shard set (--data, or the cache's) and exit without training
 
     def model_config(self, seq_len: int) -> ModelConfig:
         if self.preset not in PRESETS:
@@ -211,6 +213,18 @@ def user_errors() -> Iterator[None]:
         yield
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
+
+
+def load_data(cfg: DataConfig, codec_sha256: str, d: Dist, given: set[str]) -> TriModalData:
+    """The run's data, memory-mapped from its shard set (``shards.py``): the --data folder, prepared there first
+    if it is not yet, or the cache's copy of the sources. Process 0 prepares while the others wait."""
+    folder = Path(cfg.data) if cfg.data else shards.cache_dir(cfg, codec_sha256)
+    if d.main:
+        shards.prepared(cfg, codec_sha256)
+    if d.world > 1:
+        dist.barrier()
+    shards.check_same_data(cfg, folder, given)
+    return shards.open_shards(folder, codec_sha256)
 
 
 # --- Processes and devices ------------------------------------------------------------------------
@@ -404,6 +418,20 @@ def corrupt_batch(batch: Batch, vocab: mdm.Vocab, cfg: TrainConfig, step: int) -
     return mdm.drop_segments(mdm.reveal_segments(c, given), hidden, vocab)
 
 
+def own_sequences(sequences: int, d: Dist) -> slice:
+    """The sequences of a batch (rows of ``data.Batch``) that process ``d.rank`` reads: its 1/world of them."""
+    n = sequences // d.world
+    return slice(d.rank * n, (d.rank + 1) * n)
+
+
+def own_rows(c: mdm.Corrupted, d: Dist, anti_masking: bool) -> mdm.Corrupted:
+    """This process's rows of the corrupted batch: its own sequences and, with anti-masking, their complements
+    (``mdm.corrupt`` puts the B masks first, then the B complements). One process keeps every row, in order."""
+    sequences = c.x0.shape[0] // (2 if anti_masking else 1)
+    own = torch.arange(sequences)[own_sequences(sequences, d)]
+    return c.rows(torch.cat([own, own + sequences]) if anti_masking else own)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -420,8 +448,8 @@ def train_step(
     Each micro-batch's loss is sum(w * nll) / N_global * world_size: summing over micro-batches and
     averaging over processes (what DDP/FSDP do with gradients) gives d/dtheta sum(w * nll) / N_global.
     """
-    rows = c.x0.shape[0] // d.world
-    mine = c.rows(slice(d.rank * rows, (d.rank + 1) * rows)).to(d.device)
+    mine = own_rows(c, d, cfg.anti_masking).to(d.device)
+    rows = mine.x0.shape[0]
     n_global = c.maskable.sum().clamp_min(1).to(d.device)
     sums = torch.zeros(len(mdm.MODALITIES), dtype=torch.float64, device=d.device)
     counts = torch.zeros(len(mdm.MODALITIES), dtype=torch.long, device=d.device)
@@ -466,14 +494,13 @@ def validation(net, model: Denoiser, ema: EMA, data: TriModalData, cfg: TrainCon
     counts = torch.zeros(len(mdm.MODALITIES), dtype=torch.long, device=d.device)
     micro = cfg.micro_batch or cfg.batch_size // d.world
     for k in range(cfg.eval_batches):
-        b = it.batch(k)
+        b = it.batch(k, own_sequences(cfg.batch_size, d))
         if cfg.objective == "ar":
             c = mdm.next_token_batch(b.ids, b.pad, data.vocab)
         else:
             c = mdm.corrupt(b.ids, b.pad, data.vocab, schedule, t_min=cfg.t_min, generator=noise_generator(999, k))
-        rows = c.x0.shape[0] // d.world
-        mine = c.rows(slice(d.rank * rows, (d.rank + 1) * rows)).to(d.device)
-        for j in range(0, rows, micro):
+        mine = c.rows(own_sequences(cfg.batch_size, d)).to(d.device)
+        for j in range(0, mine.x0.shape[0], micro):
             with autocast(cfg, d.device):
                 r = mdm.nelbo(net, mine.rows(slice(j, j + micro)), data.vocab)
             sums += r.modality_sums
@@ -526,8 +553,11 @@ def validate(cfg: TrainConfig, d: Dist) -> int:
     module_table(cfg.modules)  # checks --modules
     if cfg.anti_masking and cfg.batch_size % 2:
         raise ValueError(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
-    if cfg.batch_size % d.world:
-        raise ValueError(f"--batch_size={cfg.batch_size} must be divisible by the number of processes ({d.world})")
+    if (cfg.batch_size // (1 + cfg.anti_masking)) % d.world:
+        raise ValueError(
+            f"--batch_size={cfg.batch_size} must give every one of the {d.world} processes as many sequences "
+            f"(rows{' / 2, by anti-masking' if cfg.anti_masking else ''}, divisible by {d.world})"
+        )
     micro = cfg.micro_batch or cfg.batch_size // d.world
     if (cfg.batch_size // d.world) % micro:
         raise ValueError(
@@ -555,10 +585,19 @@ def main(argv: list[str] | None = None) -> dict:
             ckpt = checkpoint.own_shard(resume, ckpt, d.rank, d.world)
         micro = validate(cfg, d)
         torch.manual_seed(cfg.seed)
-        # 2. data
+        # 2. data: a shard set on disk (an existing --data set brings its own options; those given must agree)
+        given = {f.name for f in fields(DataConfig)} & (set(options) if ckpt is None else set(asdict(data_cfg)))
+        if data_cfg.data and (Path(data_cfg.data) / "manifest.json").is_file():
+            shards.check_same_data(data_cfg, data_cfg.data, given)
+            data_cfg = replace(shards.manifest_config(data_cfg.data), strict=data_cfg.strict)
         recorded = ckpt["audio_codec_sha256"] if ckpt is not None else ""
         named = ckpt is None or "audio_codec" in options  # a fresh run names its codec itself
-        data = build_data(data_cfg, checkpoint.codec_voucher(data_cfg.audio_codec, recorded, named))
+        sha = checkpoint.codec_voucher(data_cfg.audio_codec, recorded, named)
+        data = load_data(data_cfg, sha, d, given)
+        if cfg.prepare_only:
+            teardown(d)
+            print(f"prepared the shard set {data_cfg.data or shards.cache_dir(data_cfg, sha)}")
+            return {"step": 0, "tokens": 0, "val": {}, "preempted": None}
         rows = cfg.batch_size // (2 if cfg.anti_masking else 1)  # the sequences of a batch
         it = BatchIterator(data, "train", rows, cfg.ratios, cfg.seed, cfg.cond_keep, cfg.cond_drop, cfg.cond_media)
         # 3. model
@@ -568,7 +607,8 @@ def main(argv: list[str] | None = None) -> dict:
             for m, codes in data.code_vectors().items():
                 embed_codes(model, m, torch.from_numpy(codes), g)
         model = model.to(d.device)
-        first = corrupt_batch(it.batch(0), data.vocab, cfg, 0).rows(slice(0, micro)).to(d.device)
+        first = own_rows(corrupt_batch(it.batch(0, own_sequences(rows, d)), data.vocab, cfg, 0), d, cfg.anti_masking)
+        first = first.rows(slice(0, micro)).to(d.device)
         cfg, dtype_note = resolve_dtype(cfg, model, first, d)
         fsdp = use_fsdp(cfg.fsdp, cfg.preset, d)
         compiled, compile_note = use_compile(cfg.compile, d.device)
@@ -602,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     if step == 0 and cfg.eval_every:
         val = validation(net, model, ema, data, cfg, d, {"step": 0, "tokens": 0})  # the untrained baseline
     while step < stop and not stopped_by:
-        c = corrupt_batch(it.batch(step), data.vocab, cfg, step)
+        c = corrupt_batch(it.batch(step, own_sequences(rows, d)), data.vocab, cfg, step)
         it.step = step + 1
         lr = plan.lr_for_step(step)
         r = train_step(net, opt, c, data.vocab, cfg, d, micro, lr)

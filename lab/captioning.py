@@ -66,9 +66,15 @@ def shift_image(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 @contextlib.contextmanager
 def data_patch(name: str) -> Iterator[None]:
-    """This process's data code changed for one variant, restored afterwards."""
-    saved_templates, saved_row, saved_nelbo = data_lib.CAPTION_TEMPLATES, data_lib.BatchIterator.row, mdm.nelbo
-    saved_build = train.build_data
+    """This process's data code changed for one variant, restored afterwards. The data is built in memory
+    (``data.build_data``): a shard set in the cache would not know of the patched templates."""
+    saved_templates, saved_nelbo = data_lib.CAPTION_TEMPLATES, mdm.nelbo
+    saved_draw, saved_read, saved_load = data_lib.BatchIterator.draw, data_lib.BatchIterator.read, train.load_data
+
+    def in_memory(cfg, codec_sha256, d, given):
+        return data_lib.build_data(cfg, codec_sha256)
+
+    train.load_data = in_memory
     if name == "fixed_template":
         data_lib.CAPTION_TEMPLATES = (PROBE_TEMPLATE,)
     elif name == "words_only":
@@ -76,26 +82,32 @@ def data_patch(name: str) -> Iterator[None]:
     elif name == "pad_not_data" or name.startswith("pad_shown="):
         share = float(name.split("=")[1]) if "=" in name else 1.0
 
-        def row(self, task: str, g: torch.Generator):
-            ids, pad, given, hidden = saved_row(self, task, g)
-            if task != "text" and float(torch.rand((), generator=g)) < share:  # drawn even for share 1
+        def draw(self, task: str, g: torch.Generator) -> tuple:
+            plan = saved_draw(self, task, g)  # then one more draw per pair row, even for share 1
+            return plan if task == "text" else (*plan, float(torch.rand((), generator=g)) < share)
+
+        def read(self, task: str, plan: tuple, read: bool = True):
+            if not read:
+                raise ValueError("the pad_not_data variants run in one process (every row read)")
+            ids, pad, given, hidden = saved_read(self, task, plan, read)
+            if task != "text" and plan[5]:
                 eos = int((ids == self.data.vocab.eos("text")).nonzero()[0, 0])
                 pad = pad.clone()
                 pad[eos + 1 :] = True
             return ids, pad, given, hidden
 
-        data_lib.BatchIterator.row = row
+        data_lib.BatchIterator.draw, data_lib.BatchIterator.read = draw, read
     elif name == "image_shift":
 
-        def build(cfg, codec_sha256=""):  # the 8 one-pixel moves of every training image, as captioning's copies
-            built = saved_build(cfg, codec_sha256)
+        def load(cfg, codec_sha256, d, given):  # the 8 one-pixel moves of every training image, as captioning's copies
+            built = in_memory(cfg, codec_sha256, d, given)
             pairs = built.pairs["image_text"]["train"]
             moves = [(y, x) for y in (-1, 0, 1) for x in (-1, 0, 1) if y or x]
             copies = [[built.image_tokenizer.encode(shift_image(im, y, x)) for y, x in moves] for im in pairs.raw]
             pairs.variants = torch.from_numpy(np.array(copies))  # (N, 8, M): BatchIterator's augmented copies
             return built
 
-        train.build_data = build
+        train.load_data = load
     elif name.startswith("pad_weight="):
         weight = float(name.split("=")[1])
 
@@ -112,8 +124,8 @@ def data_patch(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        data_lib.CAPTION_TEMPLATES, data_lib.BatchIterator.row, mdm.nelbo = saved_templates, saved_row, saved_nelbo
-        train.build_data = saved_build
+        data_lib.CAPTION_TEMPLATES, mdm.nelbo = saved_templates, saved_nelbo
+        data_lib.BatchIterator.draw, data_lib.BatchIterator.read, train.load_data = saved_draw, saved_read, saved_load
 
 
 @contextlib.contextmanager

@@ -328,20 +328,20 @@ def shared_judges(cfg: data_lib.DataConfig) -> evaluate.Judges:
 
 @contextlib.contextmanager
 def data_built_once() -> Iterator[None]:
-    """While open, ``data.build_data`` (which train.main calls) returns the shared, cached data.
+    """While open, ``train.load_data`` returns the shared data, built in memory once per config.
 
     The data is a pure function of its frozen ``DataConfig`` and nothing mutates it, so sharing it
     changes no result; it saves about a second per run, most of a smoke run.
     """
 
-    def build(cfg: data_lib.DataConfig | None = None, codec_sha256: str = "") -> data_lib.TriModalData:
-        return shared_data(cfg or data_lib.DataConfig())
+    def load(cfg: data_lib.DataConfig, codec_sha256: str = "", *_) -> data_lib.TriModalData:
+        return shared_data(cfg)
 
-    data_lib.build_data = train.build_data = build
+    saved, train.load_data = train.load_data, load
     try:
         yield
     finally:
-        data_lib.build_data = train.build_data = _BUILD_DATA
+        train.load_data = saved
 
 
 def train_args(size: Size, spec: RunSpec, run_dir: Path) -> list[str]:

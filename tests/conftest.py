@@ -1,10 +1,19 @@
 """Shared test settings: deterministic hypothesis runs (CI must not flake), CPU only, few threads."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 from hypothesis import settings
+
+# Every run's data goes through a shard set (shards.py); the tests prepare theirs into a private cache.
+CACHE = tempfile.mkdtemp(prefix="trimodal-mdm-cache-")
+os.environ["TRIMODAL_MDM_CACHE"] = CACHE
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -5,10 +5,11 @@ The rule (A: the project modules A may import; every import counts, lazy ones in
     mdm, bpe, fsq, sde_batch        nothing of the project (the math, the tokenizers, the batch rule)
     model                           mdm
     data                            mdm, bpe, fsq
+    shards                          mdm, bpe, fsq, data
     checkpoint                      mdm, model, bpe, fsq, data
     distributed                     mdm, model
     sample                          mdm, model, data, checkpoint
-    evaluate                        mdm, model, bpe, fsq, data, checkpoint, sample
+    evaluate                        mdm, model, bpe, fsq, data, shards, checkpoint, sample
     train                           all of the above
     lab/*                           anything; no core module imports lab
 
@@ -32,10 +33,11 @@ ALLOWED = {
     "sde_batch": set(),
     "model": {"mdm"},
     "data": {"mdm", "bpe", "fsq"},
+    "shards": {"mdm", "bpe", "fsq", "data"},
     "checkpoint": {"mdm", "model", "bpe", "fsq", "data"},
     "distributed": {"mdm", "model"},
     "sample": {"mdm", "model", "data", "checkpoint"},
-    "evaluate": {"mdm", "model", "bpe", "fsq", "data", "checkpoint", "sample"},
+    "evaluate": {"mdm", "model", "bpe", "fsq", "data", "shards", "checkpoint", "sample"},
 }
 ALLOWED["train"] = set(ALLOWED) - {"train"}
 

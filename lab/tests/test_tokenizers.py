@@ -76,11 +76,12 @@ def test_image_autoencoder_exports_to_torchscript(tmp_path):
 def test_image_autoencoder_learns_a_little():
     images, _, _ = tokenizers.default_images(size=16)
     cfg = fsq.ImageAEConfig(image_size=16, width=16)
-    tc = tokenizers.TrainConfig(steps=150, batch=16, lr=3e-3, warmup=10, log_every=1000)
+    tc = tokenizers.TrainConfig(steps=300, batch=16, lr=3e-3, warmup=10, log_every=1000)
     model = tokenizers.train_image_autoencoder(images[:256], cfg, tc, log=lambda s: None)
     x = images[256:320]
     mse = np.mean((model.decode(model.encode(x)) - x) ** 2)
-    assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)  # well below predicting the mean image
+    # 300 steps reach about 0.2 of the mean image's error; 150 steps sat at 0.49-0.50 and failed on one CPU
+    assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)
 
 
 def test_user_image_arrays_are_read_without_pickles(tmp_path):
