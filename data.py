@@ -547,7 +547,7 @@ def build_pairs(cfg: DataConfig, tok: TextTokenizer, pixels, codec, layout: Layo
 
 
 def token_ids(x) -> Tensor:
-    """Token ids as int64, from a tensor or a (memory-mapped, read-only) numpy array of any integer type."""
+    """Token ids as int64, from a tensor or a (read-only) numpy array of any integer type."""
     if isinstance(x, Tensor):
         return x.long()
     return torch.from_numpy(np.array(x, dtype=np.int64))  # a copy: a memmap's pages stay read-only
@@ -674,7 +674,8 @@ class BatchIterator:
             return row, torch.zeros(L, dtype=torch.bool), given, hidden
         pairs, pick = self.data.pairs[task][self.split], plan[4]
         media = token_ids(pairs.variants[i, pick - 1] if pick else pairs.media[i])
-        row = self.data.layout.pair_row(task, media, torch.tensor(pairs.captions[i][caption], dtype=torch.long))
+        text = pairs.captions.caption(i, caption) if hasattr(pairs.captions, "caption") else pairs.captions[i][caption]
+        row = self.data.layout.pair_row(task, media, torch.tensor(text, dtype=torch.long))
         return row, torch.zeros(L, dtype=torch.bool), given, hidden
 
     def __iter__(self) -> BatchIterator:

@@ -27,6 +27,7 @@ and a published summary of it (the sources are named where each fact is used).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -71,6 +72,7 @@ class Vocab:
     def content_size(self, modality: str) -> int:
         return getattr(self, _check_modality(modality))
 
+    @functools.cache  # noqa: B019 (a Vocab is frozen and hashable; the data loader asks for these per row)
     def block_start(self, modality: str) -> int:
         """First global id of a modality's block (its content tokens start there)."""
         return sum(self.predict_size(m) for m in MODALITIES[: MODALITIES.index(_check_modality(modality))])
@@ -95,6 +97,7 @@ class Vocab:
         return self.eos("text") + 1
 
     @property
+    @functools.cache  # noqa: B019
     def control_start(self) -> int:
         return sum(self.predict_size(m) for m in MODALITIES)
 

@@ -1,16 +1,16 @@
-"""Pre-tokenized data on disk: tokenize once, then train from memory-mapped shards.
+"""Pre-tokenized data: tokenize once, then train from token shards on disk.
 
 At scale nobody tokenizes at start-up: the data is tokenized once into flat arrays of token ids, and
 training reads the rows it needs from them (nanoGPT's ``train.bin``, Megatron's indexed datasets).
 ``data.build_data`` builds the arrays of a ``data.TriModalData`` in memory; this file writes the same
-arrays to a folder once (``prepare``) and opens them memory-mapped (``open_shards``), so a process's
+arrays to a folder once (``prepare``) and reads rows from them as needed (``open_shards``), so a process's
 memory holds the indexes and the rows of its batches, never the dataset. Every run goes through here:
 
     python train.py --data=DIR --text_files=a.txt,b.jsonl --prepare_only   # tokenize once into DIR
     python train.py --data=DIR                                              # train from it (or torchrun ...)
     python train.py                # the embedded default: prepared on first use into the cache (``cache_dir``)
 
-A shard set (``DIR``), every array a ``.npy`` file (``np.load(mmap_mode="r")``, never pickles):
+A shard set (``DIR``), every array a ``.npy`` file (read by ``OnDisk`` or memory-mapped, never pickles):
 
     manifest.json                 written last: the DataConfig, the layout, the tokenizers' fingerprints
     text_tokenizer.tiktoken       the text tokenizer's ranks
@@ -77,11 +77,63 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 
 def load_array(path: Path) -> np.ndarray:
-    """A read-only memory map of a .npy file; random access (no read-ahead), so rows cost pages, not files."""
+    """A read-only memory map of a .npy file (for the small index arrays), with random access: no read-ahead."""
     array = np.load(path, mmap_mode="r", allow_pickle=False)
     if isinstance(array, np.memmap) and array.size:
         array._mmap.madvise(mmap.MADV_RANDOM)
-    return array
+    return array.view(np.ndarray)  # the same pages; a plain view slices without np.memmap's per-slice overhead
+
+
+class OnDisk:
+    """A .npy array left on disk, its rows read with ``os.pread`` when indexed (``a[i]``, ``a[i, j]``, ``a[i:j]``).
+
+    A memory map would do as well, but every page it touches stays in the process's resident memory (and the
+    kernel maps pages around each one touched): over a long run that is the whole file. A read copies only the
+    bytes asked for, so a process holds its batch, never the dataset."""
+
+    def __init__(self, path: Path) -> None:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            self.shape, fortran, self.dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran:
+            raise ValueError(f"{path}: a Fortran-ordered array is not a shard")
+        self.path, self.row = path, int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) as an array of shape (b - a, *shape[1:])."""
+        data = os.pread(self.fd, (b - a) * self.row, self.offset + a * self.row)
+        return np.frombuffer(data, self.dtype).reshape(b - a, *self.shape[1:])
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, slice):
+            a, b, step = first.indices(len(self))
+            if step != 1:
+                raise IndexError("OnDisk reads contiguous rows only")
+            out = self.rows(a, max(a, b))
+            return out[(slice(None), *rest)] if rest else out
+        i = int(first) + (len(self) if int(first) < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {first} of {len(self)} in {self.path}")
+        return self.rows(i, i + 1)[(0, *rest)]
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def __getstate__(self) -> dict:  # a copy for another process opens the file anew
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
 
 def id_dtype(size: int) -> type:
@@ -100,6 +152,11 @@ class Captions:
 
     def count_of(self, i: int) -> int:
         return int(self.example_starts[i + 1] - self.example_starts[i])
+
+    def caption(self, i: int, j: int) -> list[int]:
+        """Caption j of example i, the only one read."""
+        a = self.caption_starts[self.example_starts[i] + j]
+        return self.ids[a : self.caption_starts[self.example_starts[i] + j + 1]].tolist()
 
     def __getitem__(self, i: int) -> list[list[int]]:
         a, b = self.example_starts[i], self.example_starts[i + 1]
@@ -263,11 +320,21 @@ def check_same_data(cfg: DataConfig, folder: str | Path, given: set[str]) -> Non
         raise ValueError(f"the shard set {folder} was prepared with other data options: {shown}; prepare a new set")
 
 
+def adopt(cfg: DataConfig, given: set[str]) -> DataConfig:
+    """The options of the shard set at an existing ``cfg.data`` (those ``given`` must agree), else ``cfg`` itself."""
+    if not (cfg.data and (Path(cfg.data) / "manifest.json").is_file()):
+        return cfg
+    check_same_data(cfg, cfg.data, given)
+    return replace(manifest_config(cfg.data), strict=cfg.strict)
+
+
 def open_pairs(folder: Path, split: str, image: bool) -> PairData:
-    """One split of a pair task, memory-mapped (the held-out media in memory: evaluation indexes them often)."""
-    media = load_array(folder / "media.npy")
-    media = media if split == "train" else torch.from_numpy(media.astype(np.int64))
-    captions = Captions(*(load_array(folder / f"{n}.npy") for n in ("captions", "caption_starts", "example_starts")))
+    """One split of a pair task, left on disk (the held-out media in memory: evaluation indexes them often)."""
+    media = OnDisk(folder / "media.npy")
+    media = media if split == "train" else torch.from_numpy(media[:].astype(np.int64))
+    captions = Captions(
+        OnDisk(folder / "captions.npy"), *(load_array(folder / f"{n}_starts.npy") for n in ("caption", "example"))
+    )
     labels = torch.from_numpy(np.load(folder / "labels.npy", allow_pickle=False))
     raw = None
     if image and (folder / "raw.npy").is_file():
@@ -275,7 +342,7 @@ def open_pairs(folder: Path, split: str, image: bool) -> PairData:
     elif (folder / "clip_waves.npy").is_file():
         waves, starts = np.load(folder / "clip_waves.npy"), np.load(folder / "clip_starts.npy")
         raw = [waves[a:b] for a, b in itertools.pairwise(starts)]
-    variants = load_array(folder / "variants.npy") if (folder / "variants.npy").is_file() else None
+    variants = OnDisk(folder / "variants.npy") if (folder / "variants.npy").is_file() else None
     return PairData(media, captions, labels, raw, variants)
 
 
@@ -293,7 +360,7 @@ def open_shards(folder: str | Path, codec_sha256: str = "") -> TriModalData:
         )
     if layout.to_dict() != manifest["layout"]:
         raise ValueError(f"the shard set {folder} was prepared for another layout: {manifest['layout']}")
-    text = {s: load_array(folder / "text" / f"{s}.npy") for s in SPLITS}
+    text = {s: OnDisk(folder / "text" / f"{s}.npy") for s in SPLITS}
     pairs = {
         t: {s: open_pairs(folder / t / s, s, t == "image_text") for s in SPLITS} for t in ("image_text", "audio_text")
     }

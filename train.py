@@ -216,7 +216,7 @@ def user_errors() -> Iterator[None]:
 
 
 def load_data(cfg: DataConfig, codec_sha256: str, d: Dist, given: set[str]) -> TriModalData:
-    """The run's data, memory-mapped from its shard set (``shards.py``): the --data folder, prepared there first
+    """The run's data, read from its shard set (``shards.py``): the --data folder, prepared there first
     if it is not yet, or the cache's copy of the sources. Process 0 prepares while the others wait."""
     folder = Path(cfg.data) if cfg.data else shards.cache_dir(cfg, codec_sha256)
     if d.main:
@@ -554,10 +554,8 @@ def validate(cfg: TrainConfig, d: Dist) -> int:
     if cfg.anti_masking and cfg.batch_size % 2:
         raise ValueError(f"--batch_size={cfg.batch_size} must be even with anti-masking (each sequence appears twice)")
     if (cfg.batch_size // (1 + cfg.anti_masking)) % d.world:
-        raise ValueError(
-            f"--batch_size={cfg.batch_size} must give every one of the {d.world} processes as many sequences "
-            f"(rows{' / 2, by anti-masking' if cfg.anti_masking else ''}, divisible by {d.world})"
-        )
+        per = "sequences (rows / 2 with anti-masking)" if cfg.anti_masking else "rows"
+        raise ValueError(f"--batch_size={cfg.batch_size} must give each of the {d.world} processes as many {per}")
     micro = cfg.micro_batch or cfg.batch_size // d.world
     if (cfg.batch_size // d.world) % micro:
         raise ValueError(
@@ -587,9 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(cfg.seed)
         # 2. data: a shard set on disk (an existing --data set brings its own options; those given must agree)
         given = {f.name for f in fields(DataConfig)} & (set(options) if ckpt is None else set(asdict(data_cfg)))
-        if data_cfg.data and (Path(data_cfg.data) / "manifest.json").is_file():
-            shards.check_same_data(data_cfg, data_cfg.data, given)
-            data_cfg = replace(shards.manifest_config(data_cfg.data), strict=data_cfg.strict)
+        data_cfg = shards.adopt(data_cfg, given)
         recorded = ckpt["audio_codec_sha256"] if ckpt is not None else ""
         named = ckpt is None or "audio_codec" in options  # a fresh run names its codec itself
         sha = checkpoint.codec_voucher(data_cfg.audio_codec, recorded, named)

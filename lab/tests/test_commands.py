@@ -29,6 +29,7 @@ TOOLS = [
     "seeds",
     "module_search",
     "tokenizer_study",
+    "shard_bench",
 ]
 
 
@@ -57,3 +58,11 @@ def test_the_gpu_check_stops_at_once_on_a_machine_without_cuda(tmp_path: Path) -
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.splitlines()) == 1 and "needs a CUDA GPU" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shard_benchmark_runs_on_a_small_set(tmp_path: Path) -> None:
+    """The benchmark's pipeline end to end on a 10 MB set: a replicated stream, the loader, two measured runs."""
+    done = lab("lab.shard_bench", "--gb", "0.01", "--steps", "2", "--loader_steps", "5", "--work", str(tmp_path / "w"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| replicated | 0.01 GB |" in done.stdout and "peak RSS < 1.5 GB" in done.stdout, done.stdout
+    assert not (tmp_path / "w").exists(), "the scratch folder is removed"
