@@ -48,9 +48,10 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` held as ``like`` holds it: a full tensor becomes this process's dim-0 chunk of a DTensor (the
     torch.chunk split fully_shard uses, cut locally: every process holds ``t``), a DTensor stays as it is."""
+    t = t.to(like.device)
     if hasattr(like, "device_mesh") and not hasattr(t, "device_mesh"):
         t = torch.distributed.tensor.distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
-    return t.to(like.device)
+    return t
 
 
 def nest(flat: dict, ckpt: dict) -> dict:
@@ -114,6 +115,7 @@ def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, 
     dcp.save(tensors, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     if rank == 0:
         torch.save(state, tmp / "meta.pt")
+        shutil.rmtree(old, ignore_errors=True)  # what a crash left
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
