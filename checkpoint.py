@@ -156,8 +156,10 @@ def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint (a sharded one's ``meta.pt``) with ``weights_only=True`` (tensors and plain containers
-    only), with clear errors."""
+    only), with clear errors. A sharded save that stopped between its renames left its complete folder as .tmp."""
     folder = Path(path)
+    if not folder.exists() and (folder.with_name(folder.name + ".tmp") / "meta.pt").is_file():
+        folder = folder.with_name(folder.name + ".tmp")
     path = folder / "meta.pt" if folder.is_dir() else folder
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")

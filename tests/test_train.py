@@ -229,6 +229,17 @@ def test_a_sharded_checkpoint_resumes_on_one_process_and_a_one_process_checkpoin
             assert torch.allclose(p, q, rtol=1e-4, atol=2e-5), (out.name, name)
 
 
+def test_a_sharded_checkpoint_on_one_process_and_one_stopped_between_its_renames_still_load(tmp_path: Path) -> None:
+    """--fsdp=true on one process writes a DCP folder without a process group; a save stopped after renaming the
+    old folder away leaves the complete new one as ckpt.tmp, which a resume of ckpt finds."""
+    out = tmp_path / "run"
+    train.main([*SMALL, f"--tokens={4 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0", "--fsdp=true"])
+    assert (out / "ckpt" / "meta.pt").is_file() and (out / "export" / "model.safetensors").is_file()
+    (out / "ckpt").rename(out / "ckpt.tmp")
+    assert checkpoint.read_checkpoint(out / "ckpt")["step"] == 4
+    assert checkpoint.load_for_inference(out / "ckpt").step == 4
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = train.train_step
     calls = {"n": 0}
