@@ -1,8 +1,11 @@
 """Checkpoints: what a run saves to continue exactly, what inference loads, and a portable export.
 
 1. The resumable checkpoint (``save_checkpoint``, ``restore``): model, EMA, optimizer, data-iterator
-   and RNG state plus the run's configs, so ``train.py --resume`` continues bit-identically. One
-   file, or one per process under FSDP2 (``<dir>/rank<r>.pt``), read with ``weights_only=True``.
+   and RNG state plus the run's configs, so ``train.py --resume`` continues bit-identically. One file
+   read with ``weights_only=True``, or under FSDP2 a folder: the tensors in ``torch.distributed.checkpoint``
+   (DCP) form, each process writing its own dim-0 shards, and the rest in ``meta.pt`` (``weights_only``).
+   DCP records each tensor's global shape, so N processes may save and M resume (M = 1 without FSDP
+   included); a one-file checkpoint resumes under FSDP too (each process takes its dim-0 chunk).
 2. ``load_for_inference``: the EMA weights in a ``model.Denoiser`` with the layout and tokenizers
    (``Inference``), from a checkpoint, a sharded checkpoint or an export; nothing here needs ``train.py``.
 3. The export (``export``): ``model.safetensors`` (the EMA weights by parameter name), a small
@@ -16,10 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 import fsq
@@ -30,6 +36,7 @@ from model import Denoiser, ModelConfig
 
 CKPT_FORMAT = "trimodal-mdm/2"
 EXPORT_FORMAT = "trimodal-mdm-export/1"
+warnings.filterwarnings("ignore", "torch.distributed is disabled")  # DCP on one process, as intended
 
 
 # --- 1. The resumable checkpoint ------------------------------------------------------------------
@@ -38,12 +45,46 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def fit(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` held as ``like`` holds it: a full tensor becomes this process's dim-0 chunk of a DTensor (the
+    torch.chunk split fully_shard uses, cut locally: every process holds ``t``), a DTensor stays as it is."""
+    t = t.to(like.device)
+    if hasattr(like, "device_mesh") and not hasattr(t, "device_mesh"):
+        t = torch.distributed.tensor.distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
+    return t
+
+
+def nest(flat: dict, ckpt: dict) -> dict:
+    """``ckpt`` with the tensors of ``flat`` (keys ``model/<name>``, ``ema/<name>``, ``optimizer/<name>/<state>``)."""
+    ema = {} if any(k.startswith("ema/") for k in flat) else None  # without an EMA, "ema" is None
+    ckpt = {**ckpt, "model": {}, "ema": ema, "optimizer": {**ckpt["optimizer"], "state": {}}}
+    for key, v in flat.items():
+        part, name, *state = key.split("/")
+        if state:
+            ckpt[part]["state"].setdefault(name, {})[state[0]] = v
+        else:
+            ckpt[part][name] = v
+    return ckpt
+
+
+def read_shards(ckpt: dict, like=None, parts: tuple[str, ...] = ("model", "ema", "optimizer")) -> dict:
+    """``ckpt`` (its ``meta.pt``) with the tensors of its DCP folder. ``like(key, meta)`` gives each tensor to load
+    into (a DTensor takes its own shards, however many processes wrote them); by default a full one, read here."""
+    md, no_dist = dcp.FileSystemReader(ckpt["folder"]).read_metadata().state_dict_metadata, like is None
+    like = like or (lambda key, m: torch.empty(m.size, dtype=m.properties.dtype))
+    flat = {k: like(k, m) for k, m in md.items() if k.split("/")[0] in parts}
+    dcp.load(flat, checkpoint_id=ckpt["folder"], no_dist=no_dist or not dist.is_initialized())
+    return nest(flat, ckpt)
+
+
 def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, rank: int, sharded: bool) -> None:
     """Everything needed to continue exactly, and what inference needs.
 
     run: the run's record (its TrainConfig as a dict, step, tokens, world size); data: ``data.TriModalData``;
-    ema: ``train.EMA``; it: ``data.BatchIterator``. Written to a temporary file, then renamed (a crash never
-    leaves a half-written checkpoint): one file by process 0, or under FSDP one per process, ``path/rank<r>.pt``.
+    ema: ``train.EMA``; it: ``data.BatchIterator``. Written to a temporary file or folder, then renamed (a crash
+    never leaves a half-written checkpoint): one file by process 0, or under FSDP (``sharded``, called by every
+    process) the folder ``path``: the tensors by ``dcp.save``, ``meta.pt`` and the rename by process 0, complete
+    on every process's return.
     """
     index = {id(p): name for name, p in model.named_parameters()}
     state = {
@@ -57,38 +98,55 @@ def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, 
         "data": it.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "sharded": sharded,
-        "model": {k: local(v).detach().cpu() for k, v in model.state_dict().items()},
-        "ema": {k: local(v).cpu() for k, v in ema.params.items()} if ema.rho else None,
-        "optimizer": {
-            "state": {index[id(p)]: {k: local(v).cpu() for k, v in st.items()} for p, st in opt.state.items()},
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-        },
+        "optimizer": {"groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]},
     }
-    path = path / f"rank{rank}.pt" if sharded else path
+    tensors = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
+    tensors |= {f"ema/{k}": v for k, v in ema.params.items()} if ema.rho else {}
+    tensors |= {f"optimizer/{index[id(p)]}/{k}": v for p, st in opt.state.items() for k, v in st.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not sharded:
+        torch.save(nest({k: local(v).cpu() for k, v in tensors.items()}, state), tmp)
+        return os.replace(tmp, path)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crash left
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save(tensors, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    if rank == 0:
+        torch.save(state, tmp / "meta.pt")
+        shutil.rmtree(old, ignore_errors=True)  # what a crash left
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # the folder is complete before any process goes on (and might read it)
 
 
 def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
-    """Load model, optimizer, EMA, iterator and RNG state in place; return (step, tokens)."""
+    """Load model, optimizer, EMA, iterator and RNG state in place; return (step, tokens).
+
+    Whatever number of processes wrote ``ckpt``: a sharded one is read into tensors shaped like this run's own
+    (DTensors under FSDP2, which take their shards), a one-file one is cut to them (``fit``)."""
+    own, params = model.state_dict(), dict(model.named_parameters())
+
+    def like(key: str, m) -> torch.Tensor:  # the optimizer's step count is a scalar, its moments are like the parameter
+        part, name, *_ = key.split("/")
+        ref = {"model": own, "ema": ema.params, "optimizer": params}[part][name]
+        return torch.zeros_like(ref, dtype=m.properties.dtype) if m.size else torch.zeros((), dtype=m.properties.dtype)
+
+    ckpt = read_shards(ckpt, like, ("model", "optimizer") + ("ema",) * bool(ema.params)) if ckpt["sharded"] else ckpt
     with torch.no_grad():
-        own = model.state_dict()
         if differ := sorted(set(own) ^ set(ckpt["model"])):
             raise ValueError(f"checkpoint and model disagree on parameters: {differ[:5]}")
         for k, v in own.items():
-            local(v).copy_(ckpt["model"][k])
+            local(v).copy_(local(fit(ckpt["model"][k], v)))
         for k, e in ema.params.items():
-            local(e).copy_(ckpt["ema"][k])
-    params = dict(model.named_parameters())
+            local(e).copy_(local(fit(ckpt["ema"][k], e)))
     for name, st in ckpt["optimizer"]["state"].items():
         p = params[name]
-        st = {k: v.to(local(p).device) for k, v in st.items()}
-        if hasattr(p, "device_mesh"):  # FSDP2: the moments are sharded like their parameter, the step count is not
-            mesh = p.device_mesh, p.placements
-            st = {k: torch.distributed.tensor.DTensor.from_local(v, *mesh) if v.dim() else v for k, v in st.items()}
-        opt.state[p] = st
+        opt.state[p] = {k: fit(v, p) if v.dim() else v.to(local(p).device) for k, v in st.items()}
     for g, saved in zip(opt.param_groups, ckpt["optimizer"]["groups"], strict=True):
         g.update(saved)
     it.load_state_dict(ckpt["data"])
@@ -97,9 +155,12 @@ def restore(ckpt: dict, model: Denoiser, opt, ema, it) -> tuple[int, int]:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only), with clear errors."""
-    path = Path(path)
-    path = path / "rank0.pt" if path.is_dir() else path
+    """Load a checkpoint (a sharded one's ``meta.pt``) with ``weights_only=True`` (tensors and plain containers
+    only), with clear errors. A sharded save that stopped between its renames left its complete folder as .tmp."""
+    folder = Path(path)
+    if not folder.exists() and (folder.with_name(folder.name + ".tmp") / "meta.pt").is_file():
+        folder = folder.with_name(folder.name + ".tmp")
+    path = folder / "meta.pt" if folder.is_dir() else folder
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -111,14 +172,7 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path} is not a trimodal-mdm checkpoint (format {CKPT_FORMAT!r} expected)")
-    return ckpt
-
-
-def own_shard(path: str | Path, first: dict, rank: int, world: int) -> dict:
-    """This process's file of a sharded (FSDP2) checkpoint, which only as many processes can resume."""
-    if first["world"] != world:
-        raise ValueError(f"this sharded checkpoint was written by {first['world']} processes; resume with as many")
-    return read_checkpoint(Path(path) / f"rank{rank}.pt")
+    return {**ckpt, "folder": str(folder)} if ckpt["sharded"] else ckpt
 
 
 def data_config(record: dict) -> DataConfig:
@@ -137,18 +191,6 @@ def codec_voucher(path: str, recorded: str, named: bool) -> str:
 
 
 # --- 2. A trained model for inference -------------------------------------------------------------
-def gather_shards(path: str | Path, first: dict) -> dict:
-    """Full model and EMA tensors from a sharded (FSDP2) checkpoint folder, for inference on one process.
-
-    fully_shard splits every parameter along dim 0 into one chunk per rank (torch.chunk order), so
-    concatenating the ranks' local shards in rank order rebuilds the full tensor.
-    """
-    shards = [first] + [read_checkpoint(Path(path) / f"rank{r}.pt") for r in range(1, first["world"])]
-    parts = [part for part in ("model", "ema") if first[part] is not None]  # without an EMA, "ema" stays None
-    full = {p: {k: torch.cat([s[p][k] for s in shards]) if v.dim() else v for k, v in first[p].items()} for p in parts}
-    return {**first, **full, "sharded": False}
-
-
 @dataclass
 class Inference:
     """What sampling and evaluation need of a trained model."""
@@ -182,7 +224,7 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
     if (path / "config.json").is_file():
         return load_export(path, device)
     ckpt = read_checkpoint(path)
-    ckpt = gather_shards(path, ckpt) if ckpt["sharded"] else ckpt
+    ckpt = read_shards(ckpt, parts=("model", "ema")) if ckpt["sharded"] else ckpt  # full tensors, one process
     weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
     cfg = data_config(ckpt["data_config"])
     cfg = replace(cfg, audio_codec=audio_codec) if audio_codec else cfg

@@ -579,10 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)
             data_cfg = replace(data_cfg, audio_speeds=())
         d = setup_distributed(cfg.device)
-        if ckpt is not None and ckpt["sharded"]:  # FSDP: every process resumes from its own shards
-            ckpt = checkpoint.own_shard(resume, ckpt, d.rank, d.world)
         micro = validate(cfg, d)
-        torch.manual_seed(cfg.seed)
         # 2. data: a shard set on disk (an existing --data set brings its own options; those given must agree)
         given = {f.name for f in fields(DataConfig)} & (set(options) if ckpt is None else set(asdict(data_cfg)))
         data_cfg = shards.adopt(data_cfg, given)
@@ -596,7 +593,8 @@ def main(argv: list[str] | None = None) -> dict:
             return {"step": 0, "tokens": 0, "val": {}, "preempted": None}
         rows = cfg.batch_size // (2 if cfg.anti_masking else 1)  # the sequences of a batch
         it = BatchIterator(data, "train", rows, cfg.ratios, cfg.seed, cfg.cond_keep, cfg.cond_drop, cfg.cond_media)
-        # 3. model
+        # 3. model (seeded after the data, whose first preparation may draw random numbers)
+        torch.manual_seed(cfg.seed)
         model = Denoiser(cfg.model_config(data_cfg.seq_len), data.vocab)
         if cfg.code_init and ckpt is None:  # media embeddings start from their codes (the same on every process)
             g = torch.Generator().manual_seed(cfg.seed)
@@ -667,8 +665,6 @@ def main(argv: list[str] | None = None) -> dict:
             run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world, "module_table": table}
             if fsdp or d.main:
                 checkpoint.save_checkpoint(ckpt_path, run, data, model, opt, ema, it, d.rank, fsdp)
-            if fsdp:
-                dist.barrier()  # every shard is on disk before anyone reads the folder
             last_good = f"{ckpt_path} (step {step})"
     preempt.restore()
     bar.close()

@@ -185,7 +185,7 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_p
     )
     done = torchrun([*args, "--fsdp=true", f"--out_dir={two}", "--max_steps=2"], env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (two / "ckpt").iterdir()) == ["rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in (two / "ckpt").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     done = torchrun([f"--resume={two / 'ckpt'}"], env, watch=tmp_path / "watch")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_teardown_freed_the_wrappers(tmp_path / "watch")
@@ -199,6 +199,45 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_from_shards(tmp_p
     full, sharded = checkpoint.load_for_inference(one / "ckpt.pt"), checkpoint.load_for_inference(two / "ckpt")
     for (name, p), q in zip(full.model.named_parameters(), sharded.model.parameters(), strict=True):
         assert torch.allclose(p, q, rtol=1e-4, atol=2e-5), name
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_and_a_one_process_checkpoint_on_two(tmp_path: Path) -> None:
+    """Checkpoints reshard: FSDP2's of two processes resumes on one (no process group, no FSDP), and one process's
+    (its DCP folder under --fsdp=true, or a plain ckpt.pt) resumes under FSDP2 on two, each continuing the
+    uninterrupted run's losses; the last checkpoint, a DCP folder, exports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [*SMALL, f"--tokens={4 * STEP_TOKENS}", "--eval_every=0", "--micro_batch=4", "--ckpt_every=1"]
+    whole, chain, plain = tmp_path / "whole", tmp_path / "chain", tmp_path / "plain"
+    train.main([*args, f"--out_dir={whole}"])
+    done = torchrun([*args, "--fsdp=true", f"--out_dir={chain}", "--max_steps=2"], env)  # steps 1-2 on two
+    assert done.returncode == 0, done.stderr[-3000:]
+    train.main([f"--resume={chain / 'ckpt'}", "--max_steps=1"])  # step 3 on one, which writes a DCP folder too
+    assert checkpoint.read_checkpoint(chain / "ckpt")["world"] == 1
+    done = torchrun([f"--resume={chain / 'ckpt'}"], env)  # step 4 on two
+    assert done.returncode == 0, done.stderr[-3000:]
+    train.main([*args, f"--out_dir={plain}", "--max_steps=2"])  # a plain ckpt.pt after step 2
+    done = torchrun([f"--resume={plain / 'ckpt.pt'}", "--fsdp=true"], env)  # steps 3-4 on two, each its chunk
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, full = losses(whole), checkpoint.load_for_inference(whole / "ckpt.pt")
+    for out in (chain, plain):
+        b = losses(out)
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+        for step in a:
+            assert abs(a[step] - b[step]) < 1e-4 * abs(a[step]), (out.name, step, a[step], b[step])
+        resumed = checkpoint.load_for_inference(out / "export")  # the DCP folder's EMA weights (see the test above)
+        for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+            assert torch.allclose(p, q, rtol=1e-4, atol=2e-5), (out.name, name)
+
+
+def test_a_sharded_checkpoint_on_one_process_and_one_stopped_between_its_renames_still_load(tmp_path: Path) -> None:
+    """--fsdp=true on one process writes a DCP folder without a process group; a save stopped after renaming the
+    old folder away leaves the complete new one as ckpt.tmp, which a resume of ckpt finds."""
+    out = tmp_path / "run"
+    train.main([*SMALL, f"--tokens={4 * STEP_TOKENS}", f"--out_dir={out}", "--eval_every=0", "--fsdp=true"])
+    assert (out / "ckpt" / "meta.pt").is_file() and (out / "export" / "model.safetensors").is_file()
+    (out / "ckpt").rename(out / "ckpt.tmp")
+    assert checkpoint.read_checkpoint(out / "ckpt")["step"] == 4
+    assert checkpoint.load_for_inference(out / "ckpt").step == 4
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
