@@ -314,7 +314,8 @@ def check_same_data(cfg: DataConfig, folder: str | Path, given: set[str]) -> Non
     """The options of the run that shape the tokens (``given``: those named on the command line, or by the
     checkpoint resumed) must be the shard set's own: a set made with other tokenizers or sources is refused."""
     saved = manifest_config(folder)
-    differ = [k for k in sorted(given) if k not in NOT_CONTENT and getattr(cfg, k) != getattr(saved, k)]
+    same = (*NOT_CONTENT, "audio_codec")  # the codec is compared by its hash, not its path (``open_shards``)
+    differ = [k for k in sorted(given) if k not in same and getattr(cfg, k) != getattr(saved, k)]
     if differ:
         shown = ", ".join(f"--{k}={getattr(cfg, k)!r} (the set's: {getattr(saved, k)!r})" for k in differ)
         raise ValueError(f"the shard set {folder} was prepared with other data options: {shown}; prepare a new set")
@@ -325,7 +326,7 @@ def adopt(cfg: DataConfig, given: set[str]) -> DataConfig:
     if not (cfg.data and (Path(cfg.data) / "manifest.json").is_file()):
         return cfg
     check_same_data(cfg, cfg.data, given)
-    return replace(manifest_config(cfg.data), strict=cfg.strict)
+    return replace(manifest_config(cfg.data), strict=cfg.strict, audio_codec=cfg.audio_codec)
 
 
 def open_pairs(folder: Path, split: str, image: bool) -> PairData:
@@ -346,9 +347,11 @@ def open_pairs(folder: Path, split: str, image: bool) -> PairData:
     return PairData(media, captions, labels, raw, variants)
 
 
-def open_shards(folder: str | Path, codec_sha256: str = "") -> TriModalData:
-    """A prepared shard set as a ``TriModalData`` whose arrays stay on disk; its tokenizers must be unchanged."""
+def open_shards(folder: str | Path, codec_sha256: str = "", audio_codec: str = "") -> TriModalData:
+    """A prepared shard set as a ``TriModalData`` whose arrays stay on disk; its tokenizers must be unchanged
+    (``audio_codec``: the codec file to use, if not the one the set names; its hash must be the same)."""
     folder, cfg = Path(folder), manifest_config(folder)
+    cfg = replace(cfg, audio_codec=audio_codec) if audio_codec else cfg
     manifest = read_manifest(folder)
     tok, pixels, codec, layout = tokenizers(
         replace(cfg, text_tokenizer=str(folder / "text_tokenizer.tiktoken")), codec_sha256

@@ -224,7 +224,9 @@ def load_data(cfg: DataConfig, codec_sha256: str, d: Dist, given: set[str]) -> T
     if d.world > 1:
         dist.barrier()
     shards.check_same_data(cfg, folder, given)
-    return shards.open_shards(folder, codec_sha256)
+    data = shards.open_shards(folder, codec_sha256, cfg.audio_codec)
+    data.config = cfg  # what the checkpoint records: the run's own options ("" for the cache: found anew)
+    return data
 
 
 # --- Processes and devices ------------------------------------------------------------------------
