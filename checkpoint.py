@@ -11,7 +11,7 @@
 3. The export (``export``): ``model.safetensors`` (the EMA weights by parameter name), a small
    ``config.json`` and the tokenizer files (README, "A trained model in ten lines").
 
-The audio codec is named by path and refused unless its sha256 is the one the checkpoint recorded.
+The audio codec and an image autoencoder are named by path and refused unless their sha256 is the one recorded.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 import fsq
 from bpe import TextTokenizer
-from data import DataConfig, Layout
-from fsq import PixelTokenizer
+from data import DataConfig, Layout, load_image_tokens
+from fsq import ImageAutoencoder, PixelTokenizer
 from model import Denoiser, ModelConfig
 
 CKPT_FORMAT = "trimodal-mdm/2"
@@ -95,6 +95,7 @@ def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, 
         "layout": data.layout.to_dict(),
         "text_tokenizer": data.text_tokenizer.to_text(),
         "audio_codec_sha256": fsq.file_sha256(data.config.audio_codec),
+        "image_tokenizer_sha256": fsq.file_sha256(data.config.image_tokenizer),
         "data": it.state_dict(),
         "rng": {"torch": torch.get_rng_state()},
         "sharded": sharded,
@@ -198,7 +199,7 @@ class Inference:
     model: Denoiser
     layout: Layout
     text_tokenizer: TextTokenizer
-    image_tokenizer: PixelTokenizer
+    image_tokenizer: PixelTokenizer | ImageAutoencoder
     audio_codec: fsq.AudioCodec
     data_config: DataConfig  # the run's data, its codec's hash checked: the held-out splits rebuild from it
     step: int
@@ -210,7 +211,7 @@ def bundle(record: dict, model_cfg: dict, weights: dict, cfg: DataConfig, tok: T
     model = Denoiser(ModelConfig(**model_cfg), layout.vocab)
     model.load_state_dict(weights)
     codec = fsq.load_audio_codec(cfg.audio_codec, record["audio_codec_sha256"])
-    pixels = PixelTokenizer(cfg.image_levels, cfg.image_patch)
+    pixels = load_image_tokens(cfg, record.get("image_tokenizer_sha256", ""))  # absent: gray-level patches
     return Inference(model.to(device).eval(), layout, tok, pixels, codec, cfg, int(record["step"]))
 
 
@@ -234,19 +235,23 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
 
 # --- 3. The portable export: safetensors weights, a JSON config, the tokenizer files --------------
 def export(inf: Inference, folder: str | Path) -> Path:
-    """Write ``folder``/model.safetensors, config.json, text_bpe.tiktoken and audio_codec.pt; return the folder."""
+    """Write ``folder``/model.safetensors, config.json, text_bpe.tiktoken, audio_codec.pt (and image_tokenizer.pt,
+    if the model has one); return the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in inf.model.state_dict().items()}
     save_file(weights, folder / "model.safetensors")
     inf.text_tokenizer.save(folder / "text_bpe.tiktoken")
     shutil.copyfile(inf.data_config.audio_codec, folder / "audio_codec.pt")
+    files = {"audio_codec": "audio_codec.pt"}
+    if inf.data_config.image_tokenizer:
+        files["image_tokenizer"] = shutil.copyfile(inf.data_config.image_tokenizer, folder / "image_tokenizer.pt").name
     config = {
         "format": EXPORT_FORMAT,
         "model": asdict(inf.model.cfg),
         "layout": inf.layout.to_dict(),
-        "data": asdict(inf.data_config) | {"audio_codec": "audio_codec.pt"},
-        "audio_codec_sha256": fsq.file_sha256(folder / "audio_codec.pt"),
+        "data": asdict(inf.data_config) | files,
+        **{f"{k}_sha256": fsq.file_sha256(folder / name) for k, name in files.items()},
         "step": inf.step,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -259,6 +264,7 @@ def load_export(folder: str | Path, device: str = "cpu") -> Inference:
     config = json.loads((folder / "config.json").read_text())
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{folder}/config.json is not a trimodal-mdm export (format {EXPORT_FORMAT!r} expected)")
-    cfg = data_config({**config["data"], "audio_codec": str(folder / config["data"]["audio_codec"])})
+    files = {k: str(folder / config["data"][k]) for k in ("audio_codec", "image_tokenizer") if config["data"].get(k)}
+    cfg = data_config(config["data"] | files)
     tok = TextTokenizer.load(folder / "text_bpe.tiktoken")
     return bundle(config, config["model"], load_file(folder / "model.safetensors"), cfg, tok, device)

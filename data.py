@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from bpe import TextTokenizer, train_bpe
-from fsq import PixelTokenizer, load_audio_codec
+from fsq import ImageAutoencoder, MuLaw, PixelTokenizer, load_audio_codec, load_image_tokenizer
 from mdm import TASKS, Vocab
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -96,31 +96,6 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)  # numpy decompresses .gz itself
     return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
-
-
-class MuLaw:
-    """8-bit mu-law companding: the exact, training-free audio code (256 values per sample) of the committed clips.
-
-        y = sign(x) ln(1 + mu |x|) / ln(1 + mu),   code = round((y + 1)/2 (2^bits - 1))
-
-    Decoding inverts both steps; the error is at most half a quantization step in y, i.e. |dx| <= (1/(2^bits - 1))
-    ln(1 + mu) (1 + mu |x|) / mu to first order. At 8000 codes per second a clip is far too long for the tiny model."""
-
-    def __init__(self, bits: int = 8) -> None:
-        self.levels = 2**bits
-        self.mu = float(self.levels - 1)
-
-    def encode(self, wave: np.ndarray) -> np.ndarray:
-        x = np.clip(np.asarray(wave, dtype=np.float64), -1.0, 1.0)
-        y = np.sign(x) * np.log1p(self.mu * np.abs(x)) / np.log1p(self.mu)
-        return np.rint((y + 1) * ((self.levels - 1) / 2)).astype(np.int64)
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.levels):
-            raise ValueError(f"mu-law ids must lie in [0, {self.levels})")
-        y = ids.astype(np.float64) / (self.levels - 1) * 2 - 1
-        return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(self.mu)) / self.mu).astype(np.float32)
 
 
 def spoken_digits(path: Path = ASSETS / "spoken_digits.npz") -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
@@ -220,8 +195,8 @@ def read_jsonl(path: Path, raw: str, skipped: Skipped, key: str = "") -> list:
     return out
 
 
-def read_image_folder(folder: str | Path, strict: bool = False) -> tuple[list[np.ndarray], list[str]]:
-    """Images and captions from a folder holding images and a captions.jsonl ({"image", "text"})."""
+def read_image_folder(folder: str | Path, strict: bool = False, mode: str = "L") -> tuple[list[np.ndarray], list[str]]:
+    """Images (as PIL ``mode`` arrays) and captions from a folder holding images and a captions.jsonl."""
     from PIL import Image
 
     folder = Path(folder)
@@ -234,7 +209,7 @@ def read_image_folder(folder: str | Path, strict: bool = False) -> tuple[list[np
     for path, text in read_jsonl(index, index.read_text(encoding="utf-8"), skipped, "image"):
         try:
             with Image.open(path) as img:
-                images.append(np.asarray(img.convert("L")))
+                images.append(np.asarray(img.convert(mode)))
             captions.append(text)
         except OSError as e:  # a missing file, or PIL's UnidentifiedImageError (an OSError)
             skipped.add(path, f"unreadable image ({type(e).__name__}: {e})")
@@ -406,6 +381,7 @@ class DataConfig:
     audio_codec: str = str(ASSETS / "audio_codec.pt")  # the audio tokenizer (fsq.AudioCodec checkpoint)
     image_levels: int = 4  # image tokens: gray levels per pixel (17 = the digits' own, lossless)
     image_patch: int = 2  # image tokens: pixels per token side (1 = one token per pixel)
+    image_tokenizer: str = ""  # a trained fsq.ImageAutoencoder instead of gray-level patches (lab.tokenizers)
     audio_speeds: tuple[float, ...] = (0.8, 0.9, 1.1, 1.2)  # speeds of extra training clips (recognition only)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
     split_seed: int = 0  # the seed of the train / val / test splits
@@ -433,7 +409,7 @@ class TriModalData:
 
     layout: Layout
     text_tokenizer: TextTokenizer
-    image_tokenizer: PixelTokenizer
+    image_tokenizer: PixelTokenizer | ImageAutoencoder
     audio_codec: object  # fsq.AudioCodec
     text: dict[str, Tensor]  # split -> packed global-id stream
     pairs: dict[str, dict[str, PairData]]  # task -> split -> PairData
@@ -477,9 +453,9 @@ def tokenize_captions(tok: TextTokenizer, captions: list[str], limit: int, sourc
     return out
 
 
-def encode_clips(codec, clips: list[np.ndarray]) -> Tensor:
-    """Waveforms -> (N, tokens_per_clip) long audio ids, 64 clips at a time (bounded memory)."""
-    chunks = [codec.encode_batch(clips[i : i + 64]) for i in range(0, len(clips), 64)]
+def encode_all(tokenizer, items: list[np.ndarray]) -> Tensor:
+    """Clips or images -> (N, M) long ids of their tokenizer, 64 at a time (bounded memory)."""
+    chunks = [tokenizer.encode_batch(items[i : i + 64]) for i in range(0, len(items), 64)]
     return torch.from_numpy(np.concatenate(chunks)).long()
 
 
@@ -489,10 +465,17 @@ def pair_splits(media: Tensor, captions: list, labels: np.ndarray, raw: list, sp
     return {s: PairData(media[i], [captions[j] for j in i], labels[i], [raw[j] for j in i]) for s, i in ix.items()}
 
 
-def tokenizers(cfg: DataConfig, codec_sha256: str = "") -> tuple[TextTokenizer, PixelTokenizer, object, Layout]:
+def load_image_tokens(cfg: DataConfig, sha256: str = "") -> PixelTokenizer | ImageAutoencoder:
+    """The image tokenizer a DataConfig names (``sha256``: its recorded hash, checked if given)."""
+    if cfg.image_tokenizer:
+        return load_image_tokenizer(cfg.image_tokenizer, sha256)
+    return PixelTokenizer(cfg.image_levels, cfg.image_patch)
+
+
+def tokenizers(cfg: DataConfig, codec_sha256: str = "") -> tuple[TextTokenizer, object, object, Layout]:
     """The text, image and audio tokenizers a DataConfig names, and the layout of their rows."""
     tok = load_text_tokenizer(cfg)
-    pixels, codec = PixelTokenizer(cfg.image_levels, cfg.image_patch), load_audio_codec(cfg.audio_codec, codec_sha256)
+    pixels, codec = load_image_tokens(cfg), load_audio_codec(cfg.audio_codec, codec_sha256)
     vocab = Vocab(text=tok.vocab_size, audio=codec.vocab_size, image=pixels.vocab_size)
     return tok, pixels, codec, Layout(vocab, cfg.seq_len, pixels.tokens_per_image, codec.tokens_per_clip)
 
@@ -514,16 +497,17 @@ def build_data(cfg: DataConfig = DataConfig(), codec_sha256: str = "") -> TriMod
 def build_pairs(cfg: DataConfig, tok: TextTokenizer, pixels, codec, layout: Layout) -> dict[str, dict[str, PairData]]:
     """The two pair tasks, every split tokenized: task -> split -> PairData."""
     if not cfg.image_dir:  # image-text: the digits with every caption template, or a user folder
-        images, labels = digits_images()
+        images, labels = digits_images()  # 8x8 gray levels 0..16: the pixel tokenizer's input; else pictures
+        images = images if isinstance(pixels, PixelTokenizer) else [pixels.from_picture(x * 255 // 16) for x in images]
         captions = [digit_captions(int(y)) for y in labels]
     else:
-        raw, texts = read_image_folder(cfg.image_dir, cfg.strict)
-        images = np.stack([pixels.to_gray_levels(im) for im in raw])
+        raw, texts = read_image_folder(cfg.image_dir, cfg.strict, pixels.mode)
+        images = np.stack([pixels.from_picture(im) for im in raw])
         labels = np.array([-1 if (d := digit_named_in(t)) is None else d for t in texts])
         captions = [[t] for t in texts]
     limit = layout.text_capacity("image_text")
     image_caps = [tokenize_captions(tok, c, limit, cfg.image_dir or "digit captions") for c in captions]
-    image_media = torch.from_numpy(np.stack([pixels.encode(im) for im in images]))
+    image_media = encode_all(pixels, list(images))
     image_pairs = pair_splits(image_media, image_caps, labels, list(images), split_indices(len(images), cfg.split_seed))
 
     if not cfg.audio_dir:  # audio-text: the committed spoken digits, or a user folder
@@ -538,11 +522,11 @@ def build_pairs(cfg: DataConfig, tok: TextTokenizer, pixels, codec, layout: Layo
     audio_labels = np.array([-1 if (d := digit_named_in(t)) is None else d for t in transcripts])
     limit = layout.text_capacity("audio_text")
     audio_caps = [tokenize_captions(tok, [t], limit, cfg.audio_dir or "spoken digits") for t in transcripts]
-    audio_pairs = pair_splits(encode_clips(codec, clips), audio_caps, audio_labels, clips, audio_split)
+    audio_pairs = pair_splits(encode_all(codec, clips), audio_caps, audio_labels, clips, audio_split)
     train = audio_pairs["train"]  # only the training clips get speed-perturbed copies
     if cfg.audio_speeds and len(train):
         copies = [[speed_perturb(w, f, codec.sample_rate) for w in train.raw] for f in cfg.audio_speeds]
-        train.variants = torch.stack([encode_clips(codec, c) for c in copies], 1)  # (N, K, M)
+        train.variants = torch.stack([encode_all(codec, c) for c in copies], 1)  # (N, K, M)
     return {"image_text": image_pairs, "audio_text": audio_pairs}
 
 

@@ -208,9 +208,20 @@ class Judges:
     sample_rate: int
 
 
+DIGIT_VIEW = fsq.PixelTokenizer(levels=17, patch=1)  # the judge's view: 8x8 pixels, gray levels 0 .. 16
+
+
+def judge_view(tok, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Images in a tokenizer's own form (``decode``) as the digit judge reads them: the pixel tokenizer's already
+    are; an autoencoder's are area-averaged down to 8x8 gray levels (``PixelTokenizer.from_picture``)."""
+    if isinstance(tok, fsq.PixelTokenizer):
+        return np.stack(images)
+    return np.stack([DIGIT_VIEW.from_picture(tok.to_picture(x)) for x in images])
+
+
 def fit_judges(data: data_lib.TriModalData) -> Judges:
     img = data.pairs["image_text"]["train"]
-    image = DigitImageJudge().fit(np.stack(img.raw), img.labels.numpy())
+    image = DigitImageJudge().fit(judge_view(data.image_tokenizer, img.raw), img.labels.numpy())
     return Judges(image, SpeechJudge(), data.audio_codec.sample_rate)
 
 
@@ -219,9 +230,9 @@ def ceilings(data: data_lib.TriModalData, judges: Judges, split: str = "test") -
     img, aud = data.pairs["image_text"][split], data.pairs["audio_text"][split]
     codec, tok, rate = data.audio_codec, data.image_tokenizer, judges.sample_rate
     through = [codec.decode(codec.encode(w)) for w in aud.raw]
-    tokenized = np.stack([tok.decode(tok.encode(x)) for x in img.raw])
+    tokenized = judge_view(tok, [tok.decode(tok.encode(x)) for x in img.raw])
     return {
-        "image_judge_on_real": judges.image.accuracy(np.stack(img.raw), img.labels.numpy()),
+        "image_judge_on_real": judges.image.accuracy(judge_view(tok, img.raw), img.labels.numpy()),
         "image_judge_on_tokens": judges.image.accuracy(tokenized, img.labels.numpy()),
         "speech_judge_on_real": judges.speech.accuracy(aud.raw, aud.labels.tolist(), rate),
         "speech_judge_on_codec": judges.speech.accuracy(through, aud.labels.tolist(), rate),
@@ -251,7 +262,8 @@ def text_to_image(inf, judges: Judges, cfg, per_digit: int = 10, seed: int = 0) 
     texts = [inf.text_tokenizer.encode(p) for p in prompts]
     _, s = sample_lib.generate(inf.model, inf.layout, "t2i", cfg, texts=texts, seed=seed)
     images = np.stack([inf.image_tokenizer.decode(sample_lib.decode_media(r, inf.layout, "t2i")) for r in s.ids])
-    return {"accuracy": judges.image.accuracy(images, labels), **_cost(s), "images": images, "prompts": prompts}
+    accuracy = judges.image.accuracy(judge_view(inf.image_tokenizer, images), labels)
+    return {"accuracy": accuracy, **_cost(s), "images": images, "prompts": prompts}
 
 
 def media_to_text(inf, pairs: data_lib.PairData, task: str, cfg, seed: int = 0, limit: int | None = None) -> dict:
@@ -366,9 +378,12 @@ def report(
     }
     res["seconds"] = time.perf_counter() - t0
     pick = [d * per_digit + j for d in range(10) for j in range(min(per_digit, 4))]
-    sample_lib.save_image_grid(out / "t2i.png", [t2i["images"][i] for i in pick], [t2i["prompts"][i] for i in pick])
+    picture = inf.image_tokenizer.to_picture
+    sample_lib.save_image_grid(
+        out / "t2i.png", [picture(t2i["images"][i]) for i in pick], [t2i["prompts"][i] for i in pick]
+    )
     caps = [ascii(c) for c in i2t["texts"][:16]]  # ascii: glyphs every font has
-    sample_lib.save_image_grid(out / "i2t.png", list(np.stack(test_img.raw[:16])), caps)
+    sample_lib.save_image_grid(out / "i2t.png", [picture(x) for x in test_img.raw[:16]], caps)
     firsts = [d * per_digit for d in range(10)]
     waves = [t2s["waves"][i] for i in firsts]
     _plot_spectrograms(out / "t2s.png", waves, [t2s["prompts"][i] for i in firsts], judges.sample_rate)

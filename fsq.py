@@ -7,10 +7,14 @@ tokenizers, from the simplest to the learned ones:
 2. ``FSQ``               finite scalar quantization (Mentzer et al., 2023): round each of a few bounded latent
                          channels to a handful of levels; the tuple of levels is the token. No codebook, no
                          commitment loss, every code usable.
-3. ``AudioCodec``        STFT frames -> conv encoder -> FSQ, and back by a conv decoder and Griffin-Lim: ~31 tokens
+3. ``MuLaw``             8-bit mu-law companding: the exact, training-free code the committed clips are stored in.
+   ``AudioCodec``        STFT frames -> conv encoder -> FSQ, and back by a conv decoder and Griffin-Lim: ~31 tokens
                          per second, ``tokens_per_clip`` for a clip cut to the fixed length the sequence layout needs;
                          ``assets/audio_codec.pt`` was trained on ``assets/spoken_digits.npz`` by ``lab/tokenizers.py``.
-4. ``ImageAutoencoder``  a conv autoencoder with FSQ for larger or colour images (28x28 -> 49 tokens).
+4. ``ImageAutoencoder``  a conv autoencoder with FSQ for larger or colour images (32x32 -> 64 tokens), trained by
+                         ``python -m lab.tokenizers train-image`` and named by ``--image_tokenizer=PATH``. The two
+                         image tokenizers share one interface: ``from_picture`` (any picture -> its input),
+                         ``encode``/``encode_batch``, ``decode``, ``to_picture`` (-> uint8), ``side``, ``patch``.
 5. Loading: ``load_audio_codec`` and ``load_image_tokenizer`` read this project's checkpoints (tensors only, never
    code), checking the sha256 a run recorded for them.
 """
@@ -47,6 +51,8 @@ class PixelTokenizer:
       digits recognizable, and four times fewer, more telling tokens let the tiny model learn image-text tasks on a CPU.
     """
 
+    mode = "L"  # the PIL mode of the pictures it reads (``from_picture``)
+
     def __init__(self, levels: int = 4, patch: int = 2, side: int = 8, in_levels: int = 17) -> None:
         if side % patch:
             raise ValueError(f"the patch size {patch} must divide the image side {side}")
@@ -62,7 +68,7 @@ class PixelTokenizer:
         if image.shape != (self.side, self.side):
             raise ValueError(f"expected a {self.side}x{self.side} image, got shape {image.shape}")
         if image.min() < 0 or image.max() > self.in_levels - 1 or not np.allclose(image, np.rint(image)):
-            raise ValueError(f"pixel values must be integers in [0, {self.in_levels}); quantize first (to_gray_levels)")
+            raise ValueError(f"pixel values must be integers in [0, {self.in_levels}); quantize first (from_picture)")
         q = np.rint(np.rint(image) * (self.levels - 1) / (self.in_levels - 1)).astype(np.int64)
         n, p = self.side // self.patch, self.patch
         patches = q.reshape(n, p, n, p).transpose(0, 2, 1, 3).reshape(n * n, p * p)  # both in row-major order
@@ -86,8 +92,16 @@ class PixelTokenizer:
         """(vocab_size, patch * patch): what each token stands for, its pixels' gray levels (``model.embed_codes``)."""
         return self._levels(np.arange(self.vocab_size)).astype(np.float32)
 
-    def to_gray_levels(self, image: np.ndarray) -> np.ndarray:
-        """Any grayscale/colour image (H, W[, C]) in [0, 255] -> side x side levels 0 .. in_levels-1, resized by
+    def encode_batch(self, images: np.ndarray) -> np.ndarray:
+        """(N, side, side) gray levels -> (N, tokens_per_image) ids."""
+        return np.stack([self.encode(x) for x in images])
+
+    def to_picture(self, image: np.ndarray) -> np.ndarray:
+        """An image's gray levels as a picture: uint8, 0 .. 255."""
+        return (np.asarray(image, dtype=np.int64) * 255 // (self.in_levels - 1)).astype(np.uint8)
+
+    def from_picture(self, image: np.ndarray) -> np.ndarray:
+        """Any grayscale/colour picture (H, W[, C]) in [0, 255] -> side x side levels 0 .. in_levels-1, resized by
         area averaging (PIL); bright = ink as in the digits data, so a bright image is inverted."""
         from PIL import Image
 
@@ -167,6 +181,31 @@ def check_indices(ids: Tensor, vocab_size: int, what: str, length: int = 0) -> N
 
 
 # --- 3. The audio codec ---------------------------------------------------------------------------
+class MuLaw:
+    """8-bit mu-law companding: the exact, training-free audio code (256 values per sample) of the committed clips.
+
+        y = sign(x) ln(1 + mu |x|) / ln(1 + mu),   code = round((y + 1)/2 (2^bits - 1))
+
+    Decoding inverts both steps; the error is at most half a quantization step in y, i.e. |dx| <= (1/(2^bits - 1))
+    ln(1 + mu) (1 + mu |x|) / mu to first order. At 8000 codes per second a clip is far too long for the tiny model."""
+
+    def __init__(self, bits: int = 8) -> None:
+        self.levels = 2**bits
+        self.mu = float(self.levels - 1)
+
+    def encode(self, wave: np.ndarray) -> np.ndarray:
+        x = np.clip(np.asarray(wave, dtype=np.float64), -1.0, 1.0)
+        y = np.sign(x) * np.log1p(self.mu * np.abs(x)) / np.log1p(self.mu)
+        return np.rint((y + 1) * ((self.levels - 1) / 2)).astype(np.int64)
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.levels):
+            raise ValueError(f"mu-law ids must lie in [0, {self.levels})")
+        y = ids.astype(np.float64) / (self.levels - 1) * 2 - 1
+        return (np.sign(y) * np.expm1(np.abs(y) * np.log1p(self.mu)) / self.mu).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class AudioCodecConfig:
     """Shape of the audio codec. Frames: hop samples apart, n_fft long (Hann window, 75% overlap).
@@ -402,7 +441,8 @@ class ImageAutoencoder(nn.Module):
             nn.Conv2d(w, cfg.in_channels, 3, padding=1),
         )  # fmt: skip
         self.vocab_size, self.tokens_per_image = self.fsq.codebook_size, cfg.tokens_per_image
-        self.image_size = cfg.image_size
+        self.image_size = self.side = cfg.image_size
+        self.patch, self.mode = 4, "L" if cfg.in_channels == 1 else "RGB"  # a token: a 4x4 patch, in the middle
 
     def forward(self, x: Tensor) -> Tensor:
         """Training pass: (N, C, S, S) in [0, 1] -> reconstructions in [0, 1] (straight-through FSQ)."""
@@ -429,12 +469,32 @@ class ImageAutoencoder(nn.Module):
             raise ValueError(f"expected images of shape (N, H, W[, C]) with (C, H, W) = {want}, got {images.shape}")
         return x
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
+    def encode_batch(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) or (N, S, S, C) floats in [0, 1] -> (N, tokens_per_image) int64 ids."""
         with torch.no_grad():
             return self.encode_tensor(self._to_tensor(images)).numpy()
 
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return self.encode_batch(np.asarray(image)[None])[0]
+
     def decode(self, ids: np.ndarray) -> np.ndarray:
+        return self.decode_batch(np.asarray(ids)[None])[0]
+
+    def code_vectors(self) -> np.ndarray:
+        """(vocab_size, len(levels)): each token's FSQ code (``model.embed_codes``)."""
+        return self.fsq.code_vectors()
+
+    def from_picture(self, image: np.ndarray) -> np.ndarray:
+        """Any picture (H, W[, C]) in [0, 255] -> (S, S[, C]) floats in [0, 1], resized by PIL (bicubic)."""
+        from PIL import Image
+
+        img = Image.fromarray(np.asarray(image).astype(np.uint8)).convert(self.mode).resize((self.side, self.side))
+        return np.asarray(img, dtype=np.float32) / 255.0
+
+    def to_picture(self, image: np.ndarray) -> np.ndarray:
+        return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+    def decode_batch(self, ids: np.ndarray) -> np.ndarray:
         """(N, tokens_per_image) ids -> images shaped like the encoder's input, in [0, 1]."""
         t = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         check_indices(t, self.vocab_size, "image", self.tokens_per_image)

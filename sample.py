@@ -485,15 +485,15 @@ def write_texts(path: Path, texts: Sequence[str], labels: Sequence[str]) -> Path
     return path
 
 
-def save_image_grid(path: Path, images: Sequence[np.ndarray], labels: Sequence[str], levels: int = 17) -> Path:
-    """A PNG grid of gray-level images (0 .. levels-1, bright = ink), each titled with its label."""
+def save_image_grid(path: Path, images: Sequence[np.ndarray], labels: Sequence[str]) -> Path:
+    """A PNG grid of pictures (uint8 gray or RGB, the tokenizer's ``to_picture``), each titled with its label."""
     from matplotlib.figure import Figure
 
     cols, rows = min(8, len(images)), math.ceil(len(images) / 8)
     fig = Figure(figsize=(1.5 * cols, 1.8 * rows))
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(image, cmap="gray", vmin=0, vmax=levels - 1, interpolation="nearest")
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title("\n".join(textwrap.wrap(label, 18)[:2]), fontsize=7)
         ax.axis("off")
     fig.tight_layout()
@@ -554,8 +554,8 @@ def save_animations(out: Path, result: Sample, inf: Inference, task: str, second
         if task in ("t2i", "t2s"):
             shown = ~inf.layout.vocab.is_mask(rows[:, inf.layout.media_slot(GENERATION_TASKS[task][0])]).numpy()
             if task == "t2i":
-                gray = tok.decode(decode_media(final, inf.layout, task)) * 255 // (tok.in_levels - 1)
-                full = np.kron(gray, np.ones((s, s), dtype=np.int64))[..., None].repeat(3, -1).astype(np.uint8)
+                picture = tok.to_picture(tok.decode(decode_media(final, inf.layout, task)))
+                full = (picture if picture.ndim == 3 else picture[..., None].repeat(3, -1)).repeat(s, 0).repeat(s, 1)
                 shown = np.kron(shown.reshape(len(rows), tok.side // tok.patch, -1), np.ones((1, *[tok.patch * s] * 2)))
             else:
                 wave = inf.audio_codec.decode(decode_media(final, inf.layout, task)).astype(np.float64)
@@ -628,14 +628,14 @@ def read_media(path: str, task: str, inf: Inference) -> np.ndarray:
     try:
         if task == "i2t":
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("L"))
+                pixels = np.asarray(img.convert(inf.image_tokenizer.mode))
         else:
             wave, rate = sf.read(path, dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:  # PIL raises OSError, soundfile a LibsndfileError (a RuntimeError)
         what = f"image {path}" if task == "i2t" else f"audio file {path} (expected WAV/FLAC/OGG readable by soundfile)"
         raise ValueError(f"cannot read {what}: {e}") from None
     if task == "i2t":
-        return inf.image_tokenizer.encode(inf.image_tokenizer.to_gray_levels(pixels))
+        return inf.image_tokenizer.encode(inf.image_tokenizer.from_picture(pixels))
     if len(wave) == 0:
         raise ValueError(f"audio file {path} holds no samples")
     return inf.audio_codec.encode(resample(wave.mean(axis=1), rate, inf.audio_codec.sample_rate))
@@ -682,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         images = np.stack([inf.image_tokenizer.decode(decode_media(row, inf.layout, task)) for row in result.ids])
         files, extra = [out / "grid.png", out / "images.npy"], [{} for _ in labels]
         np.save(files[1], images)
-        save_image_grid(files[0], list(images), labels, inf.image_tokenizer.in_levels)  # decoded: 0 .. in_levels-1
+        save_image_grid(files[0], [inf.image_tokenizer.to_picture(x) for x in images], labels)
     else:
         waves = [inf.audio_codec.decode(decode_media(row, inf.layout, task)) for row in result.ids]
         files = save_wavs(out, waves, inf.audio_codec.sample_rate)

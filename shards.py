@@ -176,7 +176,9 @@ def fingerprints(cfg: DataConfig, tok: TextTokenizer) -> dict[str, str]:
     """What identifies each tokenizer: a shard set is read only by a run with the same three."""
     return {
         "text": hashlib.sha256(tok.to_text().encode()).hexdigest(),
-        "image": f"pixels levels={cfg.image_levels} patch={cfg.image_patch}",
+        "image": f"autoencoder {fsq.file_sha256(cfg.image_tokenizer)}"
+        if cfg.image_tokenizer
+        else f"pixels levels={cfg.image_levels} patch={cfg.image_patch}",
         "audio": fsq.file_sha256(cfg.audio_codec),
     }
 
@@ -375,6 +377,7 @@ def cache_dir(cfg: DataConfig, codec_sha256: str = "") -> Path:
     """Where the shards of ``cfg``'s sources live when no --data folder is named: a folder per content, under
     $TRIMODAL_MDM_CACHE (default ~/.cache/trimodal-mdm)."""
     content = {k: v for k, v in asdict(cfg).items() if k not in NOT_CONTENT}
+    content["image_tokenizer_sha256"] = fsq.file_sha256(cfg.image_tokenizer)  # a retrained one: a new set
     key = hashlib.sha256(json.dumps([FORMAT, content, codec_sha256], sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get("TRIMODAL_MDM_CACHE", Path.home() / ".cache" / "trimodal-mdm")) / key
 

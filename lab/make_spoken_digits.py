@@ -44,7 +44,7 @@ split          (N,) str        "train" or "test": every 5th (voice, rate, pitch)
                                the training voices
 =============  ==============  ===============================================================
 
-``data.spoken_digits()`` reads the file back (decoding with ``data.MuLaw``):
+``data.spoken_digits()`` reads the file back (decoding with ``fsq.MuLaw``):
 x = sign(y) ((1 + mu)^|y| - 1) / mu, where y = 2 u / 255 - 1.
 """
 
@@ -64,7 +64,7 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for data.py
-from data import MuLaw
+from fsq import MuLaw
 
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -270,8 +270,8 @@ def autoencoder_record(image_size: int, levels: tuple[int, ...], held: Heldout, 
     model = tokenizers.train_image_autoencoder(train_images, cfg, size.ae_train, log=log.append)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / f"{autoencoder_id(image_size, levels)}.pt")
-    ids = model.encode(test_images)
-    reconstructed = to_8x8(model.decode(ids)) * 16
+    ids = model.encode_batch(test_images)
+    reconstructed = to_8x8(model.decode_batch(ids)) * 16
     resampled = to_8x8(test_images) * 16  # the test images up and down again: the resizing alone
     label = f"AE{image_size} {levels_name(levels)}"
     return {

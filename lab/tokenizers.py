@@ -287,8 +287,8 @@ def cmd_train_image(args: argparse.Namespace) -> None:
     tc = TrainConfig(steps=args.steps, batch=64, lr=args.lr, seed=args.seed)
     model = train_image_autoencoder(images[train], cfg, tc)
     print(f"trained in {time.time() - t0:.0f} s; {cfg.tokens_per_image} tokens per image, vocab {model.vocab_size}")
-    ids = model.encode(images[test])
-    recon = model.decode(ids)
+    ids = model.encode_batch(images[test])
+    recon = model.decode_batch(ids)
     mse = np.mean((recon - images[test]) ** 2)
     print(f"held-out reconstruction MSE {mse:.5f} (pixels in [0, 1]); {codebook_usage(ids, model.vocab_size)}")
     if labels is not None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import bpe
 import data
+import fsq
 from bpe import TextTokenizer
 from data import Layout
 from mdm import MODALITIES, TASKS, Vocab
@@ -178,12 +179,12 @@ def test_pixel_tokenizer_rejects_bad_images() -> None:
         data.PixelTokenizer(levels=4, patch=2).decode(np.full(16, 256))
     big = np.zeros((32, 32), dtype=np.uint8)
     big[8:24, 12:20] = 255  # a bright bar on black, two 8x8 cells wide
-    levels = tok.to_gray_levels(big)
+    levels = tok.from_picture(big)
     assert levels.shape == (8, 8) and levels.max() == 16 and levels[0, 0] == 0
 
 
 def mu_law_error_bound(x: np.ndarray, levels: int = 256) -> np.ndarray:
-    """|dx| <= (1/(levels - 1)) ln(1 + mu) (1 + mu |x|) / mu to first order (data.MuLaw), plus a float margin."""
+    """|dx| <= (1/(levels - 1)) ln(1 + mu) (1 + mu |x|) / mu to first order (fsq.MuLaw), plus a float margin."""
     mu, step, x = levels - 1.0, 1.0 / (levels - 1), np.abs(np.clip(x, -1, 1))
     return step * np.log1p(mu) * (1 + mu * x) / mu * np.exp(step * np.log1p(mu)) + 1e-6
 
@@ -191,7 +192,7 @@ def mu_law_error_bound(x: np.ndarray, levels: int = 256) -> np.ndarray:
 @settings(max_examples=50)
 @given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=400))
 def test_mu_law_error_is_bounded(samples: list[float]) -> None:
-    mu = data.MuLaw()
+    mu = fsq.MuLaw()
     x = np.array(samples)
     ids = mu.encode(x)
     assert ids.min() >= 0 and ids.max() < 256

@@ -169,11 +169,18 @@ def test_image_autoencoder_round_trips_and_exports(tmp_path):
     cfg = fsq.ImageAEConfig(image_size=28, width=8)
     model = fsq.ImageAutoencoder(cfg).eval()
     images = np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
-    ids = model.encode(images)
+    ids = model.encode_batch(images)
     assert ids.shape == (5, 49) and ids.min() >= 0 and ids.max() < model.vocab_size
-    assert model.decode(ids).shape == images.shape
+    assert model.decode_batch(ids).shape == images.shape
+    assert np.array_equal(model.encode(images[2]), ids[2]) and model.decode(ids[2]).shape == (28, 28)
     model.save(tmp_path / "ae.pt")
-    assert np.array_equal(fsq.load_image_tokenizer(tmp_path / "ae.pt").encode(images), ids)
+    assert np.array_equal(fsq.load_image_tokenizer(tmp_path / "ae.pt").encode_batch(images), ids)
+    picture = np.zeros((56, 40, 3), dtype=np.uint8)  # any size and mode: resized, made gray, scaled to [0, 1]
+    picture[10:40, 10:30] = 200
+    x = model.from_picture(picture)
+    assert x.shape == (28, 28) and x.dtype == np.float32 and x[0, 0] == 0 and abs(x[12, 14] - 200 / 255) < 1e-6
+    assert np.array_equal(model.to_picture(x), np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8))
+    assert (model.side, model.patch, len(model.code_vectors())) == (28, 4, model.vocab_size)
 
 
 # --- judges ---------------------------------------------------------------------------------------------

@@ -65,12 +65,12 @@ def test_torchscript_module_without_the_contract_is_rejected(tmp_path):
 def test_image_autoencoder_exports_to_torchscript(tmp_path):
     model = fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=28, width=8)).eval()
     images = np.random.default_rng(0).random((5, 28, 28)).astype(np.float32)
-    ids = model.encode(images)
+    ids = model.encode_batch(images)
     export_torchscript(model, tmp_path / "ae.ts")
     scripted = load_scripted_image_tokenizer(tmp_path / "ae.ts", fsq.file_sha256(tmp_path / "ae.ts"))
     assert isinstance(scripted, ScriptedImageTokenizer)
     assert np.array_equal(scripted.encode(images), ids)
-    assert np.allclose(scripted.decode(ids), model.decode(ids), atol=1e-5)
+    assert np.allclose(scripted.decode(ids), model.decode_batch(ids), atol=1e-5)
 
 
 def test_image_autoencoder_learns_a_little():
@@ -79,7 +79,7 @@ def test_image_autoencoder_learns_a_little():
     tc = tokenizers.TrainConfig(steps=300, batch=16, lr=3e-3, warmup=10, log_every=1000)
     model = tokenizers.train_image_autoencoder(images[:256], cfg, tc, log=lambda s: None)
     x = images[256:320]
-    mse = np.mean((model.decode(model.encode(x)) - x) ** 2)
+    mse = np.mean((model.decode_batch(model.encode_batch(x)) - x) ** 2)
     # 300 steps reach about 0.2 of the mean image's error; 150 steps sat at 0.49-0.50 and failed on one CPU
     assert mse < 0.5 * np.mean((x - images[:256].mean(0)) ** 2)
 
@@ -89,3 +89,75 @@ def test_user_image_arrays_are_read_without_pickles(tmp_path):
     np.savez(evil, images=np.array([object()], dtype=object))  # an object array is stored as a pickle
     with pytest.raises(ValueError, match="allow_pickle"):
         tokenizers.load_images(str(evil), 8)
+
+
+def test_a_run_trains_on_32x32_images_through_a_trained_image_tokenizer_and_decodes_samples(tmp_path):
+    """32x32 pictures -> ``train-image`` -> ``--image_tokenizer``: prepare, train, sample, export and evaluate all
+    tokenize and decode through the autoencoder; a shard set is refused by a run with another autoencoder."""
+    import dataclasses
+    import json
+
+    from PIL import Image
+
+    import checkpoint
+    import data
+    import evaluate
+    import sample
+    import shards
+    import train
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    digits, labels = data.digits_images()
+    lines = []
+    for i in range(120):  # bright ink on black, upsampled to 32x32
+        Image.fromarray((digits[i] * 255 // 16).astype(np.uint8)).resize((32, 32), Image.BILINEAR).save(
+            folder / f"{i}.png"
+        )
+        lines.append(json.dumps({"image": f"{i}.png", "text": data.digit_captions(int(labels[i]))[i % 10]}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    ae = tmp_path / "ae.pt"
+    tokenizers.main(["train-image", f"--images={folder}", "--size=32", "--width=8", "--steps=60", f"--out={ae}"])
+    (tmp_path / "text.txt").write_text(
+        "\n\n".join(f"paragraph {i}: a few words to learn from. " * 6 for i in range(80))
+    )
+    out, shard_set = tmp_path / "run", tmp_path / "set"
+    options = [
+        f"--image_dir={folder}", f"--image_tokenizer={ae}", f"--text_files={tmp_path / 'text.txt'}",
+        "--default_text=false", "--seq_len=96", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=8",
+        "--dtype=fp32", "--eval_every=0", "--final_report=false", "--warmup_tokens=1000", f"--tokens={4 * 8 * 96}",
+    ]  # fmt: skip
+    train.main([*options, f"--data={shard_set}", f"--out_dir={out}"])
+    manifest = json.loads((shard_set / "manifest.json").read_text())
+    assert manifest["tokenizers"]["image"] == f"autoencoder {fsq.file_sha256(ae)}"
+    assert manifest["layout"]["image_len"] == 64, "32x32 pictures -> an 8x8 grid of tokens"
+    inf = checkpoint.load_for_inference(out / "ckpt.pt")
+    assert isinstance(inf.image_tokenizer, fsq.ImageAutoencoder) and inf.image_tokenizer.side == 32
+
+    run = [f"--checkpoint={out / 'ckpt.pt'}", "--steps=4", f"--out={tmp_path / 's'}", "--animate"]
+    sample.main(["--task=t2i", "--prompt=a handwritten seven", "--num=2", *run])
+    images = np.load(tmp_path / "s" / "images.npy")
+    assert images.shape == (2, 32, 32) and 0 <= images.min() and images.max() <= 1, "decoded through the autoencoder"
+    assert Image.open(tmp_path / "s" / "grid.png").size[0] > 0 and (tmp_path / "s" / "animation_001.gif").is_file()
+    Image.fromarray((digits[500] * 255 // 16).astype(np.uint8)).save(tmp_path / "digit.png")  # 8x8: resized up
+    exported = checkpoint.export(inf, tmp_path / "export")
+    assert (exported / "image_tokenizer.pt").read_bytes() == ae.read_bytes()
+    sample.main(["--task=i2t", f"--checkpoint={exported}", f"--image={tmp_path / 'digit.png'}", *run[1:3]])
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["samples"][0]["text"] is not None
+
+    corpus = shards.open_shards(shard_set)
+    judges = evaluate.fit_judges(corpus)
+    t2i = evaluate.text_to_image(inf, judges, dataclasses.replace(sample.PRESETS["t2i"], steps=4), per_digit=1)
+    view = evaluate.judge_view(inf.image_tokenizer, t2i["images"])
+    assert t2i["images"].shape == (10, 32, 32) and view.shape == (10, 8, 8) and view.max() <= 16
+    test = corpus.pairs["image_text"]["test"]
+    assert test.raw.shape == (12, 32, 32), "the held-out pictures, in the autoencoder's form"
+    assert (
+        0 <= t2i["accuracy"] <= 1
+        and 0 <= judges.image.accuracy(evaluate.judge_view(inf.image_tokenizer, test.raw), test.labels.numpy()) <= 1
+    )
+
+    other = fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=32, width=8))
+    other.save(ae)  # the file the set was prepared with, replaced by another autoencoder
+    with pytest.raises(ValueError, match=r"image tokenizer of the shard set .* has changed"):
+        shards.open_shards(shard_set)
