@@ -300,7 +300,8 @@ class Layout:
     def __post_init__(self) -> None:
         for task in MEDIA:
             if self.text_capacity(task) < 1:
-                raise ValueError(f"seq_len {self.seq_len} leaves no room for text in a {task} row")
+                need = f"{self.media_len(task)} {MEDIA[task]} tokens and their specials: raise --seq_len"
+                raise ValueError(f"seq_len {self.seq_len} leaves no room for text in a {task} row of {need}")
 
     def media_len(self, task: str) -> int:
         if task not in MEDIA:

@@ -209,6 +209,12 @@ VOCAB = Vocab(text=300, audio=40, image=17)
 LAYOUT = Layout(VOCAB, seq_len=48, image_len=16, audio_len=12)
 
 
+def test_a_layout_too_short_for_its_media_names_what_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"no room for text in a image_text row of 64 image tokens .* --seq_len"):
+        Layout(VOCAB, seq_len=48, image_len=64, audio_len=12)  # a 32x32 picture through an autoencoder: 64 tokens
+    assert Layout(VOCAB, seq_len=96, image_len=64, audio_len=12).text_capacity("image_text") > 0
+
+
 def fake_data(n_text_tokens: int = 500, n_pairs: int = 30, seed: int = 0) -> data.TriModalData:
     g = torch.Generator().manual_seed(seed)
     docs = [
