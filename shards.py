@@ -223,7 +223,7 @@ def tokenize_source(job: tuple) -> None:
 def pack_text(folder: Path, parts: list[Path], seed: int, dtype: type) -> None:
     """Every chunk of every part, split as ``build_data`` splits them (``split_indices`` over all the chunks, in
     source order) and packed per split in the split's order, streamed into ``text/<split>.npy``."""
-    arrays, lens = [load_array(p) for p in parts], [np.load(p.with_name(p.stem + ".lengths.npy")) for p in parts]
+    arrays, lens = [load_array(p) for p in parts], [load_array(p.with_name(p.stem + ".lengths.npy")) for p in parts]
     lengths = np.concatenate(lens)  # every chunk's length, in source order
     if not len(lengths):
         raise ValueError("no text: keep the default corpus or pass text files")
@@ -343,7 +343,7 @@ def open_pairs(folder: Path, split: str, image: bool) -> PairData:
     if image and (folder / "raw.npy").is_file():
         raw = load_array(folder / "raw.npy")
     elif (folder / "clip_waves.npy").is_file():
-        waves, starts = np.load(folder / "clip_waves.npy"), np.load(folder / "clip_starts.npy")
+        waves, starts = (np.load(folder / f"clip_{n}.npy", allow_pickle=False) for n in ("waves", "starts"))
         raw = [waves[a:b] for a, b in itertools.pairwise(starts)]
     variants = OnDisk(folder / "variants.npy") if (folder / "variants.npy").is_file() else None
     return PairData(media, captions, labels, raw, variants)

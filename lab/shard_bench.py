@@ -50,7 +50,7 @@ def prepare(folder: Path) -> float:
 def replicate_text(small: Path, big: Path, gb: float) -> int:
     """A copy of the shard set ``small`` at ``big`` whose text training stream is repeated to ``gb`` GB in all."""
     shutil.copytree(small, big)
-    stream = np.load(small / "text" / "train.npy", mmap_mode="r")
+    stream = np.load(small / "text" / "train.npy", mmap_mode="r", allow_pickle=False)
     others = sum(f.stat().st_size for f in big.rglob("*") if f.is_file()) - stream.nbytes
     copies = max(1, int(np.ceil((gb * 1e9 - others) / stream.nbytes)))
     path = big / "text" / "train.npy"

@@ -146,7 +146,7 @@ def test_the_committed_model_samples_on_a_fresh_clone(tmp_path: Path) -> None:
     out = tmp_path / "t2i"
     sample.main(["--checkpoint", str(ROOT / "assets/tiny"), "--task", "t2i", "--prompt", "a handwritten seven",
                  "--num", "8", "--out", str(out)])  # fmt: skip
-    images = np.load(out / "images.npy")
+    images = np.load(out / "images.npy", allow_pickle=False)
     assert images.shape == (8, 8, 8) and (out / "grid.png").stat().st_size > 0
     digits, labels = data_lib.digits_images()
     train_rows = data_lib.split_indices(len(labels))["train"]

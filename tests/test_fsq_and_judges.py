@@ -216,7 +216,7 @@ def test_digit_image_judge_accuracy(digits):
 def test_spoken_digits_file_has_the_documented_layout():
     path = ROOT / "assets" / "spoken_digits.npz"
     assert path.stat().st_size < 2_000_000
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         keys = {"audio", "offsets", "sample_rate", "mu", "transcripts", "labels", "voices", "rates", "pitches", "split"}
         assert set(z.files) == keys
         n = len(z["labels"])

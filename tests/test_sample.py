@@ -674,7 +674,7 @@ def test_cli_writes_samples_and_a_manifest(task: str, tmp_path: Path, monkeypatc
         assert (tmp_path / "o" / name).is_file()
     if task == "t2i":
         assert (tmp_path / "o" / "grid.png").read_bytes()[:4] == b"\x89PNG"
-        images = np.load(tmp_path / "o" / "images.npy")
+        images = np.load(tmp_path / "o" / "images.npy", allow_pickle=False)
         assert images.shape == (4, 6, 6) and set(np.unique(images)) <= {0, 8, 16}, "3 levels drawn on 0 .. 16"
         assert set(np.unique(grids[0])) <= {0, 127, 255}, "the grid shows the decoded 0 .. 16 as 0 .. 255 pictures"
     elif task == "t2s":

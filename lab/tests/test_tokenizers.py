@@ -136,7 +136,7 @@ def test_a_run_trains_on_32x32_images_through_a_trained_image_tokenizer_and_deco
 
     run = [f"--checkpoint={out / 'ckpt.pt'}", "--steps=4", f"--out={tmp_path / 's'}", "--animate"]
     sample.main(["--task=t2i", "--prompt=a handwritten seven", "--num=2", *run])
-    images = np.load(tmp_path / "s" / "images.npy")
+    images = np.load(tmp_path / "s" / "images.npy", allow_pickle=False)
     assert images.shape == (2, 32, 32) and 0 <= images.min() and images.max() <= 1, "decoded through the autoencoder"
     assert Image.open(tmp_path / "s" / "grid.png").size[0] > 0 and (tmp_path / "s" / "animation_001.gif").is_file()
     Image.fromarray((digits[500] * 255 // 16).astype(np.uint8)).save(tmp_path / "digit.png")  # 8x8: resized up
