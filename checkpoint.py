@@ -191,6 +191,13 @@ def codec_voucher(path: str, recorded: str, named: bool) -> str:
     return sha
 
 
+def same_image_tokenizer(path: str, ckpt: dict | None) -> None:
+    """A resumed run's image autoencoder must be the file it was trained with (by its sha256, wherever it is now)."""
+    recorded = ckpt.get("image_tokenizer_sha256", "") if ckpt is not None else ""
+    if recorded and fsq.file_sha256(path) != recorded:
+        raise ValueError(f"the image tokenizer at {path or '(none)'} is not the one this checkpoint was trained with")
+
+
 # --- 2. A trained model for inference -------------------------------------------------------------
 @dataclass
 class Inference:

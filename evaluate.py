@@ -348,7 +348,8 @@ def report(
     t0 = time.perf_counter()
     inf = load_for_inference(checkpoint)
     ar = load_for_inference(ar_checkpoint).model if ar_checkpoint else None
-    data = shards.open_shards(shards.prepared(inf.data_config, fsq.file_sha256(inf.data_config.audio_codec)))
+    sha = fsq.file_sha256(inf.data_config.audio_codec)
+    data = shards.open_shards(shards.prepared(inf.data_config, sha), sha, inf.data_config)
     judges, presets = fit_judges(data), sample_lib.PRESETS
     test_img = data.pairs["image_text"]["test"]
     res: dict = {"checkpoint": str(checkpoint), "step": inf.step}

@@ -399,6 +399,15 @@ class AudioCodec(nn.Module):
 
 
 # --- 4. The image autoencoder ---------------------------------------------------------------------
+def resize_picture(picture: np.ndarray, side: int, mode: str = "L") -> np.ndarray:
+    """A picture (H, W[, C]) in [0, 255] -> (side, side[, C]) floats in [0, 1], in PIL ``mode`` ("L" or "RGB"), resized
+    bilinearly (antialiased when shrinking): what an autoencoder reads, in training (``lab.tokenizers``) and in use."""
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(picture).astype(np.uint8)).convert(mode)
+    return np.asarray(img.resize((side, side), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
 @dataclass(frozen=True)
 class ImageAEConfig:
     """A conv autoencoder: (C, S, S) images in [0, 1] -> (S/4)^2 FSQ tokens (28x28 -> 7x7 = 49)."""
@@ -411,6 +420,8 @@ class ImageAEConfig:
     def __post_init__(self) -> None:
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two stride-2 stages), got {self.image_size}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (gray) or 3 (RGB), got {self.in_channels}")
 
     @property
     def tokens_per_image(self) -> int:
@@ -485,11 +496,9 @@ class ImageAutoencoder(nn.Module):
         return self.fsq.code_vectors()
 
     def from_picture(self, image: np.ndarray) -> np.ndarray:
-        """Any picture (H, W[, C]) in [0, 255] -> (S, S[, C]) floats in [0, 1], resized by PIL (bicubic)."""
-        from PIL import Image
-
-        img = Image.fromarray(np.asarray(image).astype(np.uint8)).convert(self.mode).resize((self.side, self.side))
-        return np.asarray(img, dtype=np.float32) / 255.0
+        """Any picture (H, W[, C]) in [0, 255] -> (S, S[, C]) floats in [0, 1] (``resize_picture``). Unlike the pixel
+        tokenizer it never inverts a bright picture: it reads pictures as it was trained on them."""
+        return resize_picture(image, self.side, self.mode)
 
     def to_picture(self, image: np.ndarray) -> np.ndarray:
         return np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)

@@ -316,7 +316,7 @@ def check_same_data(cfg: DataConfig, folder: str | Path, given: set[str]) -> Non
     """The options of the run that shape the tokens (``given``: those named on the command line, or by the
     checkpoint resumed) must be the shard set's own: a set made with other tokenizers or sources is refused."""
     saved = manifest_config(folder)
-    same = (*NOT_CONTENT, "audio_codec")  # the codec is compared by its hash, not its path (``open_shards``)
+    same = (*NOT_CONTENT, "audio_codec", "image_tokenizer")  # compared by their hashes, not paths (``open_shards``)
     differ = [k for k in sorted(given) if k not in same and getattr(cfg, k) != getattr(saved, k)]
     if differ:
         shown = ", ".join(f"--{k}={getattr(cfg, k)!r} (the set's: {getattr(saved, k)!r})" for k in differ)
@@ -328,7 +328,9 @@ def adopt(cfg: DataConfig, given: set[str]) -> DataConfig:
     if not (cfg.data and (Path(cfg.data) / "manifest.json").is_file()):
         return cfg
     check_same_data(cfg, cfg.data, given)
-    return replace(manifest_config(cfg.data), strict=cfg.strict, audio_codec=cfg.audio_codec)
+    saved = manifest_config(cfg.data)
+    image = cfg.image_tokenizer if "image_tokenizer" in given else saved.image_tokenizer  # a moved copy, if named
+    return replace(saved, strict=cfg.strict, audio_codec=cfg.audio_codec, image_tokenizer=image)
 
 
 def open_pairs(folder: Path, split: str, image: bool) -> PairData:
@@ -349,11 +351,12 @@ def open_pairs(folder: Path, split: str, image: bool) -> PairData:
     return PairData(media, captions, labels, raw, variants)
 
 
-def open_shards(folder: str | Path, codec_sha256: str = "", audio_codec: str = "") -> TriModalData:
+def open_shards(folder: str | Path, codec_sha256: str = "", files: DataConfig | None = None) -> TriModalData:
     """A prepared shard set as a ``TriModalData`` whose arrays stay on disk; its tokenizers must be unchanged
-    (``audio_codec``: the codec file to use, if not the one the set names; its hash must be the same)."""
+    (``files``: a run's options naming the codec and image tokenizer files to use instead of those the set names,
+    moved copies, say; their hashes must be the same)."""
     folder, cfg = Path(folder), manifest_config(folder)
-    cfg = replace(cfg, audio_codec=audio_codec) if audio_codec else cfg
+    cfg = replace(cfg, audio_codec=files.audio_codec, image_tokenizer=files.image_tokenizer) if files else cfg
     manifest = read_manifest(folder)
     tok, pixels, codec, layout = tokenizers(
         replace(cfg, text_tokenizer=str(folder / "text_tokenizer.tiktoken")), codec_sha256

@@ -224,7 +224,7 @@ def load_data(cfg: DataConfig, codec_sha256: str, d: Dist, given: set[str]) -> T
     if d.world > 1:
         dist.barrier()
     shards.check_same_data(cfg, folder, given)
-    data = shards.open_shards(folder, codec_sha256, cfg.audio_codec)
+    data = shards.open_shards(folder, codec_sha256, cfg)
     data.config = cfg  # what the checkpoint records: the run's own options ("" for the cache: found anew)
     return data
 
@@ -588,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
         recorded = ckpt["audio_codec_sha256"] if ckpt is not None else ""
         named = ckpt is None or "audio_codec" in options  # a fresh run names its codec itself
         sha = checkpoint.codec_voucher(data_cfg.audio_codec, recorded, named)
+        checkpoint.same_image_tokenizer(data_cfg.image_tokenizer, ckpt)
         data = load_data(data_cfg, sha, d, given)
         if cfg.prepare_only:
             teardown(d)

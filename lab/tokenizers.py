@@ -38,6 +38,7 @@ from fsq import (
     fit_length,
     griffin_lim,
     load_audio_codec,
+    resize_picture,
 )
 
 DEFAULT_AUDIO_DATA = Path(__file__).resolve().parents[1] / "assets" / "spoken_digits.npz"
@@ -197,10 +198,11 @@ def default_images(size: int = 28) -> tuple[np.ndarray, np.ndarray, str]:
     return x, d.target.astype(np.int64), f"scikit-learn digits (8x8) upsampled bilinearly to {size}x{size}"
 
 
-def load_images(spec: str, size: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+def load_images(spec: str, size: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray | None, str]:
     """--images: 'default', an .npz with 'images' (N, H, W[, C]) (+ optional 'labels'), or a folder of PNG/JPEG files.
 
-    uint8 images are scaled by 1/255; images are resized to size x size.
+    uint8 images are scaled by 1/255; images are resized to size x size. A folder's pictures are read as train.py
+    will read them (``fsq.resize_picture``: gray for ``channels`` = 1, RGB for 3).
     """
     if spec == "default":
         return default_images(size)
@@ -212,7 +214,8 @@ def load_images(spec: str, size: int) -> tuple[np.ndarray, np.ndarray | None, st
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not files:
             raise FileNotFoundError(f"no .png/.jpg/.jpeg images under {path}")
-        x = np.stack([np.asarray(Image.open(f).convert("L").resize((size, size))) for f in files])
+        mode = {1: "L", 3: "RGB"}[channels]
+        x = np.stack([resize_picture(np.asarray(Image.open(f).convert(mode)), size, mode) for f in files])
     elif path.suffix == ".npz" and path.exists():
         with np.load(path, allow_pickle=False) as z:
             if "images" not in z.files:
@@ -276,7 +279,7 @@ def cmd_train_image(args: argparse.Namespace) -> None:
     from sklearn.neural_network import MLPClassifier
 
     torch.set_num_threads(args.threads)
-    images, labels, source = load_images(args.images, args.size)
+    images, labels, source = load_images(args.images, args.size, args.channels)
     print(f"images: {source}; {len(images)} of shape {images.shape[1:]}")
     perm = np.random.default_rng(args.seed).permutation(len(images))
     n_test = max(1, len(images) // 10)
@@ -337,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     i = sub.add_parser("train-image", help="train the image autoencoder and report reconstruction quality")
     i.add_argument("--images", default="default", help="'default', an .npz with 'images' (+ 'labels'), or a folder")
     i.add_argument("--size", type=int, default=28)
+    i.add_argument("--channels", type=int, choices=(1, 3), default=1, help="a folder's pictures in gray (1) or RGB (3)")
     i.add_argument("--width", type=int, default=ImageAEConfig.width)
     i.add_argument("--levels", type=int, nargs="+", default=list(ImageAEConfig.levels))
     i.add_argument("--steps", type=int, default=800)

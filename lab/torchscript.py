@@ -98,7 +98,7 @@ class ScriptedAudioCodec:
 
 
 class ScriptedImageTokenizer:
-    """A TorchScript image tokenizer behind the numpy API of ``ImageAutoencoder``.
+    """A TorchScript image tokenizer behind a batched numpy API (``ImageAutoencoder.encode_batch``, ``decode_batch``).
 
     The module must expose ``encode(images: Tensor (N, C, S, S) in [0, 1]) -> (N, T) int64``,
     ``decode(ids) -> (N, C, S, S)`` and attributes ``vocab_size``, ``tokens_per_image``,

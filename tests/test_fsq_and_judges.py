@@ -181,6 +181,11 @@ def test_image_autoencoder_round_trips_and_exports(tmp_path):
     assert x.shape == (28, 28) and x.dtype == np.float32 and x[0, 0] == 0 and abs(x[12, 14] - 200 / 255) < 1e-6
     assert np.array_equal(model.to_picture(x), np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8))
     assert (model.side, model.patch, len(model.code_vectors())) == (28, 4, model.vocab_size)
+    rgb = fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=8, in_channels=3, width=4)).eval()
+    x = rgb.from_picture(np.full((16, 12), 100, dtype=np.uint8))  # a gray picture, read as RGB
+    assert x.shape == (8, 8, 3) and rgb.decode(rgb.encode(x)).shape == (8, 8, 3) and rgb.to_picture(x).dtype == np.uint8
+    with pytest.raises(ValueError, match="in_channels must be 1"):
+        fsq.ImageAEConfig(in_channels=4)
 
 
 # --- judges ---------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_user_image_arrays_are_read_without_pickles(tmp_path):
 
 def test_a_run_trains_on_32x32_images_through_a_trained_image_tokenizer_and_decodes_samples(tmp_path):
     """32x32 pictures -> ``train-image`` -> ``--image_tokenizer``: prepare, train, sample, export and evaluate all
-    tokenize and decode through the autoencoder; a shard set is refused by a run with another autoencoder."""
+    tokenize and decode through the autoencoder; a moved copy of it resumes the run; another autoencoder at its path
+    is refused by the shard set, the resume and the inference loader."""
     import dataclasses
     import json
 
@@ -127,10 +128,15 @@ def test_a_run_trains_on_32x32_images_through_a_trained_image_tokenizer_and_deco
         "--default_text=false", "--seq_len=96", "--d_model=32", "--n_layers=2", "--n_heads=2", "--batch_size=8",
         "--dtype=fp32", "--eval_every=0", "--final_report=false", "--warmup_tokens=1000", f"--tokens={4 * 8 * 96}",
     ]  # fmt: skip
-    train.main([*options, f"--data={shard_set}", f"--out_dir={out}"])
+    train.main([*options, f"--data={shard_set}", f"--out_dir={out}", "--max_steps=2"])
     manifest = json.loads((shard_set / "manifest.json").read_text())
     assert manifest["tokenizers"]["image"] == f"autoencoder {fsq.file_sha256(ae)}"
     assert manifest["layout"]["image_len"] == 64, "32x32 pictures -> an 8x8 grid of tokens"
+    moved = tmp_path / "elsewhere" / "ae.pt"
+    moved.parent.mkdir()
+    ae.rename(moved)  # the same file, moved: the run resumes from the same set with it
+    train.main([f"--resume={out / 'ckpt.pt'}", f"--image_tokenizer={moved}"])
+    assert checkpoint.read_checkpoint(out / "ckpt.pt")["step"] == 4
     inf = checkpoint.load_for_inference(out / "ckpt.pt")
     assert isinstance(inf.image_tokenizer, fsq.ImageAutoencoder) and inf.image_tokenizer.side == 32
 
@@ -141,23 +147,24 @@ def test_a_run_trains_on_32x32_images_through_a_trained_image_tokenizer_and_deco
     assert Image.open(tmp_path / "s" / "grid.png").size[0] > 0 and (tmp_path / "s" / "animation_001.gif").is_file()
     Image.fromarray((digits[500] * 255 // 16).astype(np.uint8)).save(tmp_path / "digit.png")  # 8x8: resized up
     exported = checkpoint.export(inf, tmp_path / "export")
-    assert (exported / "image_tokenizer.pt").read_bytes() == ae.read_bytes()
+    assert (exported / "image_tokenizer.pt").read_bytes() == moved.read_bytes()
     sample.main(["--task=i2t", f"--checkpoint={exported}", f"--image={tmp_path / 'digit.png'}", *run[1:3]])
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["samples"][0]["text"] is not None
 
-    corpus = shards.open_shards(shard_set)
+    corpus = shards.open_shards(shard_set, files=inf.data_config)  # the set names the old path: the run's copy
     judges = evaluate.fit_judges(corpus)
     t2i = evaluate.text_to_image(inf, judges, dataclasses.replace(sample.PRESETS["t2i"], steps=4), per_digit=1)
     view = evaluate.judge_view(inf.image_tokenizer, t2i["images"])
     assert t2i["images"].shape == (10, 32, 32) and view.shape == (10, 8, 8) and view.max() <= 16
     test = corpus.pairs["image_text"]["test"]
     assert test.raw.shape == (12, 32, 32), "the held-out pictures, in the autoencoder's form"
-    assert (
-        0 <= t2i["accuracy"] <= 1
-        and 0 <= judges.image.accuracy(evaluate.judge_view(inf.image_tokenizer, test.raw), test.labels.numpy()) <= 1
-    )
+    assert 0 <= t2i["accuracy"] <= 1
+    assert 0 <= judges.image.accuracy(evaluate.judge_view(inf.image_tokenizer, test.raw), test.labels.numpy()) <= 1
 
-    other = fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=32, width=8))
-    other.save(ae)  # the file the set was prepared with, replaced by another autoencoder
+    fsq.ImageAutoencoder(fsq.ImageAEConfig(image_size=32, width=8)).save(moved)  # replaced by another autoencoder
     with pytest.raises(ValueError, match=r"image tokenizer of the shard set .* has changed"):
-        shards.open_shards(shard_set)
+        shards.open_shards(shard_set, files=inf.data_config)
+    with pytest.raises(SystemExit, match="is not the one this checkpoint was trained with"):
+        train.main([f"--resume={out / 'ckpt.pt'}", "--max_steps=5"])
+    with pytest.raises(ValueError, match="not the file this run was trained with"):
+        checkpoint.load_for_inference(out / "ckpt.pt")
