@@ -638,38 +638,40 @@ def main(argv: list[str] | None = None) -> dict:
     preempt, stopped_by, failure = Preemption(), None, None
     if step == 0 and cfg.eval_every:
         val = validation(net, model, ema, data, cfg, d, {"step": 0, "tokens": 0})  # the untrained baseline
-    while step < stop and not stopped_by:
-        c = corrupt_batch(it.batch(step, own_sequences(rows, d)), data.vocab, cfg, step)
-        it.step = step + 1
-        lr = plan.lr_for_step(step)
-        r = train_step(net, opt, c, data.vocab, cfg, d, micro, lr)
-        if not math.isfinite(r.loss):  # the same on every process (the loss is all-reduced)
-            failure = (
-                f"non-finite loss ({r.loss}) at step {step}; the last good checkpoint is {last_good}. "
-                "Resume from it with a lower --lr (or check the data of this step)."
-            )
-            break
-        ema.update(model, step)
-        step, tokens = step + 1, tokens + plan.tokens_per_step
-        run_sums += r.modality_sums
-        run_counts += r.modality_counts
-        tok_s = (tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-        if d.main and (step % max(1, cfg.log_every) == 0 or step == stop):
-            record = {"step": step, "tokens": tokens, "loss": r.loss, "train": mdm.per_modality(run_sums, run_counts)}
-            log_jsonl(out / "metrics.jsonl", {**record, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tok_s})
-            run_sums.zero_()
-            run_counts.zero_()
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == plan.steps:
-            val = validation(net, model, ema, data, cfg, d, {"step": step, "tokens": tokens})
-        stopped_by = signal.Signals(preempt.received).name if preempt.requested(d) else None
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop or stopped_by:
-            run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world, "module_table": table}
-            if fsdp or d.main:
-                checkpoint.save_checkpoint(ckpt_path, run, data, model, opt, ema, it, d.rank, fsdp)
-            last_good = f"{ckpt_path} (step {step})"
-    preempt.restore()
+    try:  # the signal handlers go back as they were, however the loop ends
+        while step < stop and not stopped_by:
+            c = corrupt_batch(it.batch(step, own_sequences(rows, d)), data.vocab, cfg, step)
+            it.step = step + 1
+            lr = plan.lr_for_step(step)
+            r = train_step(net, opt, c, data.vocab, cfg, d, micro, lr)
+            if not math.isfinite(r.loss):  # the same on every process (the loss is all-reduced)
+                failure = (
+                    f"non-finite loss ({r.loss}) at step {step}; the last good checkpoint is {last_good}. "
+                    "Resume from it with a lower --lr (or check the data of this step)."
+                )
+                break
+            ema.update(model, step)
+            step, tokens = step + 1, tokens + plan.tokens_per_step
+            run_sums += r.modality_sums
+            run_counts += r.modality_counts
+            tok_s = (tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+            if d.main and (step % max(1, cfg.log_every) == 0 or step == stop):
+                row = {"step": step, "tokens": tokens, "loss": r.loss, "train": mdm.per_modality(run_sums, run_counts)}
+                log_jsonl(out / "metrics.jsonl", {**row, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tok_s})
+                run_sums.zero_()
+                run_counts.zero_()
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == plan.steps:
+                val = validation(net, model, ema, data, cfg, d, {"step": step, "tokens": tokens})
+            stopped_by = signal.Signals(preempt.received).name if preempt.requested(d) else None
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop or stopped_by:
+                run = {"config": asdict(cfg), "step": step, "tokens": tokens, "world": d.world, "module_table": table}
+                if fsdp or d.main:
+                    checkpoint.save_checkpoint(ckpt_path, run, data, model, opt, ema, it, d.rank, fsdp)
+                last_good = f"{ckpt_path} (step {step})"
+    finally:
+        preempt.restore()
     bar.close()
 
     # 6. the end: a summary; once the processes have parted, the portable export and the report

@@ -258,6 +258,19 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, mon
         train.main([*SMALL, f"--tokens={6 * STEP_TOKENS}", f"--out_dir={tmp_path}", "--eval_every=0", "--ckpt_every=2"])
 
 
+def test_a_run_that_fails_mid_loop_gives_the_signal_handlers_back(tmp_path: Path, monkeypatch) -> None:
+    """Else a notebook or test process that ran train.main would ignore SIGTERM (the handler only records it)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a failure inside the loop")
+
+    monkeypatch.setattr(train, "train_step", broken)
+    with pytest.raises(RuntimeError, match="inside the loop"):
+        train.main([*SMALL, f"--tokens={4 * STEP_TOKENS}", f"--out_dir={tmp_path}", "--eval_every=0"])
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_config_parsing_and_batch_validation(tmp_path: Path) -> None:
     options, resume = train.parse_options(["--lr=1e-3", "--anti_masking", "false", "--preset=small", "--batch-size=32"])
     cfg, data_cfg = train.split_options(
