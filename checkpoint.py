@@ -182,20 +182,18 @@ def data_config(record: dict) -> DataConfig:
     return DataConfig(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in record.items()})
 
 
-def codec_voucher(path: str, recorded: str, named: bool) -> str:
-    """The audio codec hash to trust: the file's own if the user ``named`` the file for this invocation,
-    else the hash ``recorded`` in the checkpoint. A named codec must still be the recorded one."""
+def codec_voucher(path: str, recorded: str, named: bool, what: str = "audio codec") -> str:
+    """The tokenizer file's hash to trust: the file's own if the user ``named`` the file for this invocation,
+    else the hash ``recorded`` in the checkpoint. A named file must still be the recorded one."""
     sha = fsq.file_sha256(path) if named else recorded
     if recorded and sha != recorded:
-        raise ValueError(f"the audio codec at {path} is not the one this checkpoint was trained with")
+        raise ValueError(f"the {what} at {path or '(none)'} is not the one this checkpoint was trained with")
     return sha
 
 
 def same_image_tokenizer(path: str, ckpt: dict | None) -> None:
     """A resumed run's image autoencoder must be the file it was trained with (by its sha256, wherever it is now)."""
-    recorded = ckpt.get("image_tokenizer_sha256", "") if ckpt is not None else ""
-    if recorded and fsq.file_sha256(path) != recorded:
-        raise ValueError(f"the image tokenizer at {path or '(none)'} is not the one this checkpoint was trained with")
+    codec_voucher(path, (ckpt or {}).get("image_tokenizer_sha256", ""), True, "image tokenizer")
 
 
 # --- 2. A trained model for inference -------------------------------------------------------------
