@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -176,12 +176,6 @@ def read_checkpoint(path: str | Path) -> dict:
     return {**ckpt, "folder": str(folder)} if ckpt["sharded"] else ckpt
 
 
-def data_config(record: dict) -> DataConfig:
-    """The DataConfig a checkpoint or export recorded (tuples were stored as lists or tuples)."""
-    kinds = {f.name: f.type for f in fields(DataConfig)}
-    return DataConfig(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in record.items()})
-
-
 def codec_voucher(path: str, recorded: str, named: bool, what: str = "audio codec") -> str:
     """The tokenizer file's hash to trust: the file's own if the user ``named`` the file for this invocation,
     else the hash ``recorded`` in the checkpoint. A named file must still be the recorded one."""
@@ -232,7 +226,7 @@ def load_for_inference(path: str | Path, use_ema: bool = True, device: str = "cp
     ckpt = read_checkpoint(path)
     ckpt = read_shards(ckpt, parts=("model", "ema")) if ckpt["sharded"] else ckpt  # full tensors, one process
     weights = ckpt["ema"] if use_ema and ckpt["ema"] is not None else ckpt["model"]
-    cfg = data_config(ckpt["data_config"])
+    cfg = DataConfig.from_dict(ckpt["data_config"])
     cfg = replace(cfg, audio_codec=audio_codec) if audio_codec else cfg
     tok = TextTokenizer.from_text(ckpt["text_tokenizer"], f"{path}:text_tokenizer")
     return bundle(ckpt, ckpt["model_config"], {**ckpt["model"], **weights}, cfg, tok, device)
@@ -270,6 +264,6 @@ def load_export(folder: str | Path, device: str = "cpu") -> Inference:
     if config.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{folder}/config.json is not a trimodal-mdm export (format {EXPORT_FORMAT!r} expected)")
     files = {k: str(folder / config["data"][k]) for k in ("audio_codec", "image_tokenizer") if config["data"].get(k)}
-    cfg = data_config(config["data"] | files)
+    cfg = DataConfig.from_dict(config["data"] | files)
     tok = TextTokenizer.load(folder / "text_bpe.tiktoken")
     return bundle(config, config["model"], load_file(folder / "model.safetensors"), cfg, tok, device)

@@ -16,7 +16,7 @@ import itertools
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +389,12 @@ class DataConfig:
     data: str = ""  # a shard set folder (shards.py), prepared there from these options if it is not yet; "" = cache
     prepare_workers: int = 2  # processes that tokenize the text sources in parallel while preparing shards
 
+    @classmethod
+    def from_dict(cls, record: dict) -> DataConfig:
+        """The config a checkpoint, an export or a shard set's manifest recorded (JSON stores tuples as lists)."""
+        kinds = {f.name: f.type for f in fields(cls)}
+        return cls(**{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in record.items()})
+
 
 @dataclass
 class PairData:
@@ -550,12 +556,8 @@ class Batch:
     ids: Tensor  # (B, L) global ids
     pad: Tensor  # (B, L) bool: padding in the sense of mdm (never masked)
     task: Tensor  # (B,) index into TASKS
-    modality: Tensor  # (B, L) modality of every position
     given: Tensor  # (B, L) bool: the segment a conditional pair row shows clean
     hidden: Tensor  # (B, L) bool: the segment an unconditional pair row hides
-
-    def rows(self, sl: slice) -> Batch:
-        return Batch(*(getattr(self, f)[sl] for f in ("ids", "pad", "task", "modality", "given", "hidden")))
 
 
 class BatchIterator:
@@ -621,7 +623,7 @@ class BatchIterator:
         mine = set(range(self.batch_size)[own])
         rows = [self.read(TASKS[tasks[j]], plans[j], p in mine) for p, j in enumerate(order)]
         ids, pad, given, hidden = (torch.stack(column) for column in zip(*rows, strict=True))
-        return Batch(ids, pad, torch.tensor(tasks)[order], self.data.vocab.modality_of(ids), given, hidden)
+        return Batch(ids, pad, torch.tensor(tasks)[order], given, hidden)
 
     def draw(self, task: str, g: torch.Generator) -> tuple:
         """The random choices of one row of ``task``: (text offset,), or (example, caption, given, hidden, copy)."""

@@ -38,7 +38,7 @@ import mmap
 import os
 import shutil
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -306,10 +306,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 def manifest_config(folder: str | Path) -> DataConfig:
     """The DataConfig a shard set was prepared from (tuples were stored as lists)."""
-    kinds, saved = {f.name: f.type for f in fields(DataConfig)}, read_manifest(folder)["data_config"]
-    return DataConfig(
-        **{k: tuple(v) if kinds[k].startswith("tuple") else v for k, v in saved.items()}, data=str(folder)
-    )
+    return replace(DataConfig.from_dict(read_manifest(folder)["data_config"]), data=str(folder))
 
 
 def check_same_data(cfg: DataConfig, folder: str | Path, given: set[str]) -> None:

@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, data_cfg = TrainConfig(), DataConfig()
         if ckpt is not None:  # --max_steps belongs to an invocation, not to the run
             cfg = TrainConfig(**{**ckpt["config"], "max_steps": 0})
-            data_cfg = checkpoint.data_config(ckpt["data_config"])
+            data_cfg = DataConfig.from_dict(ckpt["data_config"])
         cfg, data_cfg = split_options(options, cfg, data_cfg)
         if cfg.objective == "ar":  # nothing is masked: no anti-masked copies, no roles, no speed copies
             cfg = replace(cfg, anti_masking=False, cond_drop=0.0, cond_keep=0.0)

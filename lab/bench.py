@@ -334,7 +334,7 @@ class SyntheticText:
         ids = torch.cat([torch.full((self.rows, 1), v.task("text")), v.to_global(local, "text")], dim=1)
         task = torch.full((self.rows,), mdm.TASKS.index("text"))
         none = torch.zeros_like(ids, dtype=torch.bool)
-        return data_lib.Batch(ids, none, task, v.modality_of(ids), none, none)
+        return data_lib.Batch(ids, none, task, none, none)
 
 
 # ----------------------------------------------------------------------------------------------

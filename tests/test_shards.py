@@ -64,7 +64,7 @@ def test_batches_from_shards_equal_batches_in_memory(config: data.DataConfig, pr
         its = [data.BatchIterator(d, split, 24, RATIOS, 3, 0.6, 0.2) for d in (memory, disk)]
         for step in range(12):
             x, y = (it.batch(step) for it in its)
-            for f in ("ids", "pad", "task", "modality", "given", "hidden"):
+            for f in ("ids", "pad", "task", "given", "hidden"):
                 assert torch.equal(getattr(x, f), getattr(y, f)), (split, step, f)
 
 

@@ -373,7 +373,7 @@ def test_the_forward_process_applies_each_rows_role(anti_masking: bool) -> None:
     ids = torch.stack([layout.pair_row("audio_text", torch.arange(6) % 12, torch.tensor([1, 2, 3]))] * 3)
     given, hidden = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
     given[0, media], hidden[1, text] = True, True  # row 0 transcribes its clip, row 1 is unconditional, row 2 joint
-    batch = data.Batch(ids, torch.zeros_like(given), torch.full((3,), 2), vocab.modality_of(ids), given, hidden)
+    batch = data.Batch(ids, torch.zeros_like(given), torch.full((3,), 2), given, hidden)
     c = train.corrupt_batch(batch, vocab, train.TrainConfig(anti_masking=anti_masking), step=0)
     rows = [0, 3] if anti_masking else [0]  # a row and its anti-masked complement share the role
     assert len(c.x0) == (6 if anti_masking else 3)
@@ -569,7 +569,7 @@ def test_the_mask_count_estimator_trains_and_keeps_given_and_hidden_segments_out
         torch.where(torch.arange(8)[:, None] < 4, segment, none),
         torch.where(torch.arange(8)[:, None] >= 4, segment, none),
     )
-    batch = data.Batch(ids, none, torch.zeros(8, dtype=torch.long), v.modality_of(ids), given, hidden)
+    batch = data.Batch(ids, none, torch.zeros(8, dtype=torch.long), given, hidden)
     c = train.corrupt_batch(batch, v, train.TrainConfig(estimator="count"), step=0)
     outside = torch.cat([segment, segment])
     assert not (c.masked & outside).any() and (c.maskable == ~outside).all()
