@@ -197,8 +197,6 @@ def read_jsonl(path: Path, raw: str, skipped: Skipped, key: str = "") -> list:
 
 def read_image_folder(folder: str | Path, strict: bool = False, mode: str = "L") -> tuple[list[np.ndarray], list[str]]:
     """Images (as PIL ``mode`` arrays) and captions from a folder holding images and a captions.jsonl."""
-    from PIL import Image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -208,8 +206,7 @@ def read_image_folder(folder: str | Path, strict: bool = False, mode: str = "L")
     skipped, images, captions = Skipped("images", strict), [], []
     for path, text in read_jsonl(index, index.read_text(encoding="utf-8"), skipped, "image"):
         try:
-            with Image.open(path) as img:
-                images.append(np.asarray(img.convert(mode)))
+            images.append(read_picture(path, mode))
             captions.append(text)
         except OSError as e:  # a missing file, or PIL's UnidentifiedImageError (an OSError)
             skipped.add(path, f"unreadable image ({type(e).__name__}: {e})")
@@ -220,8 +217,6 @@ def read_image_folder(folder: str | Path, strict: bool = False, mode: str = "L")
 def read_audio_folder(folder: str | Path, sample_rate: int, strict: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """Clips (.wav/.flac, resampled to ``sample_rate``) and transcripts from a folder with a transcripts.jsonl
     ({"audio": file, "text": ...}) or, LibriSpeech style, ``*.trans.txt`` files of lines "<file stem> <transcript>"."""
-    import soundfile as sf
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"audio folder {folder} does not exist")
@@ -241,16 +236,30 @@ def read_audio_folder(folder: str | Path, sample_rate: int, strict: bool = False
         raise ValueError(f"{folder} has no transcripts.jsonl and no *.trans.txt files with transcripts")
     for path, text in pairs:
         try:
-            wave, sr = sf.read(path, dtype="float32", always_2d=True)
-            if not len(wave):
-                raise OSError("no samples")
+            clips.append(read_clip(path, sample_rate))
+            texts.append(text)
         except (RuntimeError, OSError) as e:  # soundfile's errors are RuntimeErrors
             skipped.add(path, f"unreadable audio ({e})")
-        else:
-            clips.append(resample(wave.mean(axis=1), sr, sample_rate))
-            texts.append(text)
     skipped.report(clips, f"no readable audio-transcript pairs in {folder}")
     return clips, texts
+
+
+def read_picture(path: str | Path, mode: str = "L") -> np.ndarray:
+    """An image file as a PIL ``mode`` array ("L" gray, "RGB"); OSError if it cannot be read."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert(mode))
+
+
+def read_clip(path: str | Path, sample_rate: int) -> np.ndarray:
+    """An audio file (WAV, FLAC, OGG) as mono float32 at ``sample_rate``; RuntimeError or OSError if unreadable."""
+    import soundfile as sf
+
+    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    if not len(wave):
+        raise OSError("no samples")
+    return resample(wave.mean(axis=1), rate, sample_rate)
 
 
 def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:

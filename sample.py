@@ -25,7 +25,7 @@ from numpy.typing import ArrayLike
 from torch import Generator, Tensor
 
 from checkpoint import Inference, load_for_inference
-from data import MEDIA, Layout, decode_text_ids, resample
+from data import MEDIA, Layout, decode_text_ids, read_clip, read_picture
 from mdm import MODALITIES, TASKS, Schedule, Vocab
 
 # --- 1. Templates: what is known, what is generated -----------------------------------------------
@@ -622,23 +622,13 @@ def parser() -> ArgumentParser:
 
 def read_media(path: str, task: str, inf: Inference) -> np.ndarray:
     """The local ids of an image to caption (i2t) or an audio file to transcribe (s2t)."""
-    import soundfile as sf
-    from PIL import Image
-
+    image, codec = inf.image_tokenizer, inf.audio_codec
     try:
-        if task == "i2t":
-            with Image.open(path) as img:
-                pixels = np.asarray(img.convert(inf.image_tokenizer.mode))
-        else:
-            wave, rate = sf.read(path, dtype="float32", always_2d=True)
+        media = read_picture(path, image.mode) if task == "i2t" else read_clip(path, codec.sample_rate)
     except (RuntimeError, OSError) as e:  # PIL raises OSError, soundfile a LibsndfileError (a RuntimeError)
         what = f"image {path}" if task == "i2t" else f"audio file {path} (expected WAV/FLAC/OGG readable by soundfile)"
         raise ValueError(f"cannot read {what}: {e}") from None
-    if task == "i2t":
-        return inf.image_tokenizer.encode(inf.image_tokenizer.from_picture(pixels))
-    if len(wave) == 0:
-        raise ValueError(f"audio file {path} holds no samples")
-    return inf.audio_codec.encode(resample(wave.mean(axis=1), rate, inf.audio_codec.sample_rate))
+    return image.encode(image.from_picture(media)) if task == "i2t" else codec.encode(media)
 
 
 def cli_template(args: argparse.Namespace, inf: Inference) -> tuple[Template, list[str]]:
