@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 import fsq
@@ -70,6 +69,8 @@ def nest(flat: dict, ckpt: dict) -> dict:
 def read_shards(ckpt: dict, like=None, parts: tuple[str, ...] = ("model", "ema", "optimizer")) -> dict:
     """``ckpt`` (its ``meta.pt``) with the tensors of its DCP folder. ``like(key, meta)`` gives each tensor to load
     into (a DTensor takes its own shards, however many processes wrote them); by default a full one, read here."""
+    import torch.distributed.checkpoint as dcp  # imported where needed: it takes seconds (DTensor, sympy)
+
     md, no_dist = dcp.FileSystemReader(ckpt["folder"]).read_metadata().state_dict_metadata, like is None
     like = like or (lambda key, m: torch.empty(m.size, dtype=m.properties.dtype))
     flat = {k: like(k, m) for k, m in md.items() if k.split("/")[0] in parts}
@@ -109,6 +110,8 @@ def save_checkpoint(path: Path, run: dict, data, model: Denoiser, opt, ema, it, 
     if not sharded:
         torch.save(nest({k: local(v).cpu() for k, v in tensors.items()}, state), tmp)
         return os.replace(tmp, path)
+    import torch.distributed.checkpoint as dcp  # as in ``read_shards``
+
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # what a crash left
     if dist.is_initialized():

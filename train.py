@@ -585,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict:
         # 2. data: a shard set on disk (an existing --data set brings its own options; those given must agree)
         given = {f.name for f in fields(DataConfig)} & (set(options) if ckpt is None else set(asdict(data_cfg)))
         data_cfg = shards.adopt(data_cfg, given)
+        reference = sde_batch.Reference(cfg.base_batch or cfg.batch_size, cfg.base_tokens or cfg.tokens, cfg.settings())
+        plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, data_cfg.seq_len, cfg.min_steps)  # before any data
         recorded = ckpt["audio_codec_sha256"] if ckpt is not None else ""
         named = ckpt is None or "audio_codec" in options  # a fresh run names its codec itself
         sha = checkpoint.codec_voucher(data_cfg.audio_codec, recorded, named)
@@ -610,9 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
         fsdp = use_fsdp(cfg.fsdp, cfg.preset, d)
         compiled, compile_note = use_compile(cfg.compile, d.device)
         net = wrap(model, d, fsdp, compiled, bf16=d.device.type == "cuda" and uses_bf16(cfg, d.device))
-        # 4. optimizer, every setting from the SDE plan of this batch and horizon
-        reference = sde_batch.Reference(cfg.base_batch or cfg.batch_size, cfg.base_tokens or cfg.tokens, cfg.settings())
-        plan = sde_batch.plan(reference, cfg.batch_size, cfg.tokens, data_cfg.seq_len, cfg.min_steps)
+    # 4. optimizer, every setting from the SDE plan of this batch and horizon (made in step 1)
     s, table = plan.settings, {kind: asdict(row) for kind, row in module_table(cfg.modules).items()}
     opt = AdamW(param_groups(model, cfg, s), lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
     ema = EMA(model, s.ema)
